@@ -1,0 +1,176 @@
+"""FlashInfer TRT-LLM allreduce fused with residual add + RMSNorm (SGLang's flashinfer_fusion).
+
+Variants (one-/two-shot is always passed explicitly; every rank makes the same choice):
+
+- one_shot, two_shot: _fused runs pattern kARResidualRMSNorm (residual_out = sum + residual,
+  out = RMSNorm(residual_out) * weight); _all_reduce runs pattern kAllReduce. backend_type
+  "flashinfer_fusion" with use_residual_rmsnorm_fusion true.
+- one_shot_fp8: _fused runs kARResidualRMSNormOutFP8Quant, which also writes an FP8 (e4m3)
+  copy of the normed output into an internal buffer (scale 1.0). The job's output must be
+  bf16/fp16, which an FP8 server path does not produce, so this variant is measured and
+  reported but never selectable: backend_type None. It still writes norm_out (= out), so the
+  numerics suite checks it like the others; _all_reduce is plain kAllReduce.
+- one_shot_fp4: the same with NVFP4 output (kARResidualRMSNormOutFP4Quant, 128x4 swizzled
+  scales). Only on compute capability >= 10: the SM90 build's FP4 conversion returns zeros.
+
+Limits: bf16/fp16 only. FlashInfer could run fp32 with an fp32 (Lamport) workspace, but the
+server type this maps to serves bf16/fp16 only, so fp32 is declared unsupported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from pytest_allreduce.backend import Backend, Limits
+from pytest_allreduce.context import RankContext
+
+from . import _flashinfer as fi
+from . import _gpu
+
+FP4_MIN_MAJOR = 10
+FP4_BLOCK = 16  # NVFP4: one scale per 16 elements
+_QUANTIZED = ("one_shot_fp8", "one_shot_fp4")
+
+
+class FlashinferFusionBackend(Backend):
+    name = "flashinfer_fusion"
+    backend_type: ClassVar[str | None] = "flashinfer_fusion"
+    variants: ClassVar[tuple[str, ...]] = ("one_shot", "two_shot", "one_shot_fp8", "one_shot_fp4")
+    simplicity = 40
+
+    @classmethod
+    def variant_backend_type(cls, variant: str) -> str | None:
+        # Quantized outputs cannot be the server's bf16/fp16 output: never in a config.
+        return None if variant in _QUANTIZED else cls.backend_type
+
+    @classmethod
+    def limits(cls, variant: str, world_size: int) -> Limits:
+        oneshot = variant.startswith("one_shot")
+        max_bytes = None
+        if oneshot:
+            # Beyond the Lamport limit FlashInfer would silently run two-shot instead.
+            max_bytes = (fi.MAX_LAMPORT_BYTES // max(world_size, 1)) // 16 * 16
+        return Limits(
+            device="cuda",
+            dtypes=("bfloat16", "float16"),
+            world_sizes=fi.TRTLLM_WORLD_SIZES,
+            max_rows=fi.SERVER_MAX_ROWS,
+            min_rows=1 if oneshot else world_size + 1,  # two-shot needs rows > world size
+            max_bytes=max_bytes,
+            hidden_multiple=FP4_BLOCK if variant == "one_shot_fp4" else fi.HIDDEN_MULTIPLE,
+            graph_capturable=True,
+            fused=True,
+        )
+
+    @classmethod
+    def probe(cls, ctx: RankContext, variant: str) -> str | None:
+        if variant not in cls.variants:
+            return f"unknown variant {variant!r}"
+        if reason := _gpu.cuda_refusal(ctx):
+            return reason
+        if reason := _gpu.one_node_refusal(ctx):
+            return reason
+        if variant == "one_shot_fp4":
+            cap = _gpu.capability(ctx)
+            if cap[0] < FP4_MIN_MAJOR:
+                return (
+                    f"FP4 output needs compute capability >= {FP4_MIN_MAJOR}.0, have "
+                    f"{_gpu.capability_text(cap)} (the SM90 build's FP4 conversion returns 0)"
+                )
+        return fi.probe_flashinfer(ctx, fi.TRTLLM_MAJORS, "FlashInfer trtllm fusion")
+
+    def setup(self) -> None:
+        self.workspace: Any = fi.create_workspace(
+            self.ctx, "trtllm", self.max_rows, self.hidden, self.dtype
+        )
+        lib = fi.comm()
+        patterns = lib.AllReduceFusionPattern
+        self._allreduce_fusion = lib.allreduce_fusion
+        self._plain = int(patterns.kAllReduce)
+        self.oneshot = self.variant.startswith("one_shot")
+        numel = self.max_rows * self.hidden
+        device = self.ctx.device
+        # Written by fused patterns but not part of the job's output: preallocated so no call
+        # allocates (FlashInfer would otherwise allocate `output` on every fused call).
+        self._ar_scratch = torch.empty(numel, dtype=self.dtype, device=device)
+        self._quant: torch.Tensor | None = None
+        self._scales: torch.Tensor | None = None
+        self._scale_factor: torch.Tensor | None = None
+        self._layout: int | None = None
+        if self.variant == "one_shot_fp8":
+            self._fused_pattern = int(patterns.kARResidualRMSNormOutFP8Quant)
+            self._quant = torch.empty(numel, dtype=torch.float8_e4m3fn, device=device)
+            self._scale_factor = torch.ones(1, dtype=torch.float32, device=device)
+        elif self.variant == "one_shot_fp4":
+            self._fused_pattern = int(patterns.kARResidualRMSNormOutFP4Quant)
+            self._quant = torch.empty(numel // 2, dtype=torch.uint8, device=device)
+            sf_size = lib.compute_fp4_swizzled_layout_sf_size(
+                self.max_rows, self.hidden // FP4_BLOCK
+            )
+            self._scales = torch.empty(sf_size, dtype=torch.uint8, device=device)
+            self._scale_factor = torch.ones(1, dtype=torch.float32, device=device)
+            self._layout = int(lib.QuantizationSFLayout.SWIZZLED_128x4)
+            self._sf_size = lib.compute_fp4_swizzled_layout_sf_size
+        else:
+            self._fused_pattern = int(patterns.kARResidualRMSNorm)
+
+    def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        self._allreduce_fusion(
+            input=inp,
+            workspace=self.workspace,
+            pattern=self._plain,
+            launch_with_pdl=False,
+            output=out,
+            use_oneshot=self.oneshot,
+        )
+
+    def _fused(
+        self,
+        inp: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        out: torch.Tensor,
+        residual_out: torch.Tensor,
+    ) -> None:
+        rows, hidden = inp.shape
+        extra: dict[str, Any] = {}
+        if self.variant == "one_shot_fp8":
+            assert self._quant is not None
+            extra["quant_out"] = self._quant[: rows * hidden].view(rows, hidden)
+            extra["scale_factor"] = self._scale_factor
+        elif self.variant == "one_shot_fp4":
+            assert self._quant is not None and self._scales is not None
+            extra["quant_out"] = self._quant[: rows * hidden // 2].view(rows, hidden // 2)
+            extra["scale_out"] = self._scales[: self._sf_size(rows, hidden // FP4_BLOCK)]
+            extra["scale_factor"] = self._scale_factor
+            extra["layout_code"] = self._layout
+        self._allreduce_fusion(
+            input=inp,
+            workspace=self.workspace,
+            pattern=self._fused_pattern,
+            launch_with_pdl=False,
+            output=self._ar_scratch[: rows * hidden].view(rows, hidden),
+            residual_in=residual,
+            rms_gamma=weight,
+            rms_eps=eps,
+            residual_out=residual_out,
+            norm_out=out,
+            use_oneshot=self.oneshot,
+            **extra,
+        )
+
+    def engaged(self) -> str:
+        shot = "one-shot" if self.oneshot else "two-shot"
+        fused = {
+            "one_shot_fp8": "kARResidualRMSNormOutFP8Quant (norm_out + FP8 quant_out)",
+            "one_shot_fp4": "kARResidualRMSNormOutFP4Quant (norm_out + NVFP4 quant_out)",
+        }.get(self.variant, "kARResidualRMSNorm")
+        return f"flashinfer trtllm {shot} fused: {fused}; allreduce: kAllReduce"
+
+    def close(self) -> None:
+        workspace, self.workspace = getattr(self, "workspace", None), None
+        if workspace is not None:
+            fi.destroy_workspace(self.ctx, workspace)

@@ -1,0 +1,53 @@
+"""NCCL through torch.distributed: the safe default every other backend is compared with."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+
+from pytest_allreduce.backend import Backend, Limits
+from pytest_allreduce.context import RankContext
+
+from . import _gpu
+
+
+class NcclBackend(Backend):
+    name = "nccl"
+    backend_type: ClassVar[str | None] = "nccl"
+    simplicity = 0
+
+    @classmethod
+    def limits(cls, variant: str, world_size: int) -> Limits:
+        return Limits(
+            device="cuda",
+            dtypes=("float32", "float16", "bfloat16"),
+            world_sizes=None,
+            graph_capturable=True,
+        )
+
+    @classmethod
+    def probe(cls, ctx: RankContext, variant: str) -> str | None:
+        if reason := _gpu.cuda_refusal(ctx, rocm_ok=True):
+            return reason
+        if not dist.is_nccl_available():
+            return "torch was built without NCCL"
+        if ctx.group is not None and dist.get_backend(ctx.group) != "nccl":
+            return f"the rank group uses {dist.get_backend(ctx.group)}, not nccl"
+        return None
+
+    def setup(self) -> None:
+        # One collective outside any capture, so NCCL's communicator exists before a graph
+        # is captured (it is created lazily at the first collective otherwise).
+        with torch.cuda.device(self.ctx.device):
+            warm = torch.zeros(1, dtype=self.dtype, device=self.ctx.device)
+            dist.all_reduce(warm, group=self.ctx.group)
+            torch.cuda.synchronize(self.ctx.device)
+
+    def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(inp)
+        dist.all_reduce(out, group=self.ctx.group)
+
+    def engaged(self) -> str:
+        return "torch.distributed all_reduce (NCCL, in place on a copy)"

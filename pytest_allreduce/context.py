@@ -1,0 +1,76 @@
+"""What a rank knows about itself: handed to every rank function and every backend."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Environment switches that keep NVLink multicast off. On shared multi-GPU hosts a program
+# that creates a multicast object can take the host's GPUs out of service, so backends that
+# need multicast are skipped, never tried, whenever any of these says "off".
+MULTICAST_OFF_SWITCHES: dict[str, str] = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def multicast_disabled_by() -> list[str]:
+    """The environment settings that forbid NVLink multicast here (empty when allowed)."""
+    return [
+        f"{name}={value}"
+        for name, value in MULTICAST_OFF_SWITCHES.items()
+        if os.environ.get(name, "").strip().lower() == value
+    ]
+
+
+@dataclass
+class RankContext:
+    """One rank's view of its process group.
+
+    `group` is the collective group of the device (gloo on the CPU, NCCL on CUDA);
+    `cpu_group` is a gloo group for CPU-side exchanges (IPC handles, votes, timings), which
+    on the CPU is the same group.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    group: Any  # dist.ProcessGroup
+    cpu_group: Any  # dist.ProcessGroup
+    timeout_s: float
+    # Objects a rank keeps between calls (set-up backends, CUDA graphs); owned by the engine.
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def multicast_allowed(self) -> bool:
+        return not multicast_disabled_by()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, exchanged over the CPU group.
+
+        Uses one broadcast per rank rather than all_gather_object: gloo's all_gather fails
+        under torch.inference_mode (pytorch#126032), and servers exchange handles this way.
+        """
+        gathered: list[Any] = []
+        for src in range(self.world_size):
+            box = [obj if src == self.rank else None]
+            dist.broadcast_object_list(box, src=self._global(src), group=self.cpu_group)
+            gathered.append(box[0])
+        return gathered
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.cpu_group)
+
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.cpu_group, group_rank)

@@ -1,0 +1,120 @@
+"""ResultStore: everything measured or decided in one session.
+
+Suites write into it (through the plugin's report hook and the latency fixture); selection,
+artifacts and the baseline gate read from it at session end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+from .model import GATING_SUITES, Availability, Case, GroupKey, Job, Latency, Target, Verdict
+
+
+class ResultStore:
+    def __init__(self, device: str) -> None:
+        self.device = device  # "cuda" or "cpu"
+        self.availability: dict[tuple[str, int], Availability] = {}
+        self.verdicts: dict[Case, dict[str, list[Verdict]]] = defaultdict(lambda: defaultdict(list))
+        self.latencies: dict[tuple[Case, Job], Latency] = {}
+        self.backend_types: dict[str, str | None] = {}  # full variant name -> config type
+        self.fused_backends: set[str] = set()  # variants whose "fused" job is a fused kernel
+        self.simplicity: dict[str, int] = {}  # full variant name -> simplicity rank
+        self.machine: dict[str, Any] = {}
+        self.suites_run: set[str] = set()
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def record_availability(self, availability: Availability) -> None:
+        self.availability[(availability.backend, availability.world_size)] = availability
+
+    def record_verdict(self, case: Case, verdict: Verdict) -> None:
+        self.verdicts[case][verdict.suite].append(verdict)
+        if verdict.outcome != "skipped":
+            self.suites_run.add(verdict.suite)
+
+    def record_latency(self, latency: Latency) -> None:
+        self.latencies[(latency.case, latency.job)] = latency
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def required_suites(self) -> tuple[str, ...]:
+        """Gating suites a backend must pass at a shape to be eligible there.
+
+        The graph suite applies on CUDA only. A gating suite that did not run at all this
+        session cannot vouch for anyone, so selection then has no candidates (reported).
+        """
+        return tuple(s for s in GATING_SUITES if s != "graph" or self.device == "cuda")
+
+    def missing_suites(self) -> list[str]:
+        return [s for s in self.required_suites() if s not in self.suites_run]
+
+    def suite_outcome(self, case: Case, suite: str) -> str:
+        """ "passed" when every check of `suite` at `case` passed, "failed" when any failed,
+        "skipped" when all skipped, "not run" when none was recorded."""
+        verdicts = self.verdicts.get(case, {}).get(suite, [])
+        if not verdicts:
+            return "not run"
+        outcomes = {v.outcome for v in verdicts}
+        if "failed" in outcomes:
+            return "failed"
+        if outcomes == {"skipped"}:
+            return "skipped"
+        return "passed"
+
+    def eligible(self, case: Case) -> bool:
+        """Passed every required gating suite at this exact shape."""
+        return all(self.suite_outcome(case, s) == "passed" for s in self.required_suites())
+
+    def latency(self, case: Case, job: Job) -> Latency | None:
+        return self.latencies.get((case, job))
+
+    def targets(self) -> list[Target]:
+        found = {case.target for case in self.verdicts} | {c.target for c, _ in self.latencies}
+        return sorted(found)
+
+    def group_keys(self) -> list[GroupKey]:
+        return sorted({t.group_key for t in self.targets()})
+
+    def batch_sizes(self, key: GroupKey) -> list[int]:
+        sizes = {c.batch_size for c in self.verdicts if c.target.group_key == key}
+        sizes |= {c.batch_size for c, _ in self.latencies if c.target.group_key == key}
+        return sorted(sizes)
+
+    def cases(self, key: GroupKey, batch_size: int) -> list[Case]:
+        return [t.at(batch_size) for t in self.targets() if t.group_key == key]
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, as plain JSON-ready data (the evidence file embeds this)."""
+        verdicts = []
+        for case, suites in sorted(self.verdicts.items()):
+            for _suite, items in sorted(suites.items()):
+                for v in items:
+                    verdicts.append({"case": _case_json(case), **dataclasses.asdict(v)})
+        return {
+            "device": self.device,
+            "machine": self.machine,
+            "availability": [dataclasses.asdict(a) for a in self.availability.values()],
+            "verdicts": verdicts,
+            "latencies": [
+                {
+                    "case": _case_json(lat.case),
+                    "job": lat.job,
+                    "median_us": lat.median_us,
+                    "samples_us": lat.samples_us,
+                    "ops_per_sample": lat.ops_per_sample,
+                    "clock": lat.clock,
+                    "message_bytes": lat.message_bytes,
+                    "engaged": lat.engaged,
+                }
+                for (_, _), lat in sorted(
+                    self.latencies.items(), key=lambda kv: (kv[0][0], kv[0][1])
+                )
+            ],
+        }
+
+
+def _case_json(case: Case) -> dict[str, Any]:
+    return {**dataclasses.asdict(case.target), "batch_size": case.batch_size}

@@ -1,0 +1,24 @@
+"""CUDA-graph capture the way servers capture decode sizes: many replays, inputs changed in
+place between them, every replay checked."""
+
+import pytest
+
+from pytest_allreduce import checks
+from pytest_allreduce.session import GRAPH_REPLAYS
+
+pytestmark = pytest.mark.allreduce_suite("graph")
+
+
+def test_graph_replays(allreduce):
+    session, case = allreduce.session, allreduce.case
+    if session.plan.device != "cuda":
+        pytest.skip("CUDA graphs need a GPU; this session runs on the CPU")
+    limits = allreduce.work.variant.cls.limits(
+        allreduce.work.variant.variant, case.target.world_size
+    )
+    if not limits.graph_capturable:
+        pytest.skip(f"{case.target.backend} declares it cannot be captured in a CUDA graph")
+    # The case's size plus the smallest size it accepts: two graphs alive at once, as in a
+    # server that captured several batch sizes.
+    sizes = sorted({case.batch_size, limits.min_rows})
+    checks.assert_ranks_ok(allreduce.run(checks.graph_replays, sizes, GRAPH_REPLAYS))
