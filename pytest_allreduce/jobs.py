@@ -6,6 +6,7 @@ availability vote.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +94,6 @@ class JobBuffers:
     residual: torch.Tensor
     weight: torch.Tensor
     residual_out: torch.Tensor
-    scratch: torch.Tensor  # the allreduce result inside a composed fused job
 
     @classmethod
     def allocate(
@@ -108,11 +108,10 @@ class JobBuffers:
             residual=empty(),
             weight=torch.empty(hidden, dtype=dtype, device=device),
             residual_out=empty(),
-            scratch=empty(),
         )
 
     def poison(self) -> None:
-        for t in (self.out, self.residual_out, self.scratch):
+        for t in (self.out, self.residual_out):
             t.fill_(float("nan"))
 
 
@@ -126,20 +125,56 @@ def run_job(backend: Backend, job: Job, buf: JobBuffers) -> None:
             buf.inp, buf.residual, buf.weight, RMS_EPS, buf.out, buf.residual_out
         )
     else:
-        backend.all_reduce(buf.inp, buf.scratch)
-        torch.add(buf.scratch, buf.residual, out=buf.residual_out)
-        rms_norm_into(buf.residual_out, buf.weight, buf.out)
+        backend.all_reduce(buf.inp, buf.out)
+        buf.residual_out.copy_(buf.residual)
+        add_rms_norm = composed_add_rms_norm(buf.out.device)
+        add_rms_norm.fn(buf.out, buf.residual_out, buf.weight, RMS_EPS)
 
 
-def rms_norm_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """out = RMSNorm(x) * weight, computed in float32 as the fused kernels do."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), RMS_EPS)
-    out.copy_(normed)
+@dataclass(frozen=True)
+class AddRmsNorm:
+    """In place: residual += x; x = RMSNorm(residual) * weight."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+
+
+def _torch_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    residual.add_(x)
+    x.copy_(F.rms_norm(residual.float(), (x.shape[-1],), weight.float(), eps))
+
+
+_COMPOSERS: dict[str, AddRmsNorm] = {}
+
+
+def composed_add_rms_norm(device: torch.device) -> AddRmsNorm:
+    """The add + RMSNorm that follows an unfused allreduce.
+
+    On CUDA this is the one-kernel fused_add_rmsnorm that servers run after their
+    allreduce (sgl-kernel's), when installed: composing it from eager torch ops costs several
+    extra kernel launches and would handicap every unfused backend. Elsewhere, torch ops in
+    float32. The name goes into the evidence, so which one ran is on record.
+    """
+    key = device.type
+    if key not in _COMPOSERS:
+        chosen = AddRmsNorm("torch add_ + rms_norm", _torch_add_rms_norm)
+        if key == "cuda":
+            try:
+                from sgl_kernel import fused_add_rmsnorm
+
+                chosen = AddRmsNorm("sgl_kernel fused_add_rmsnorm", fused_add_rmsnorm)
+            except Exception:  # not installed, or built for another torch: torch it is
+                pass
+        _COMPOSERS[key] = chosen
+    return _COMPOSERS[key]
 
 
 def engaged(backend: Backend, job: Job) -> str:
     if job == "fused" and not backend.fused:
-        return f"{backend.engaged()} + engine-composed residual add and RMSNorm"
+        composer = composed_add_rms_norm(backend.ctx.device).name
+        return f"{backend.engaged()} + engine-composed residual add and RMSNorm ({composer})"
     return backend.engaged()
 
 

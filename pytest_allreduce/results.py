@@ -79,9 +79,9 @@ class ResultStore:
         return sorted({t.group_key for t in self.targets()})
 
     def batch_sizes(self, key: GroupKey) -> list[int]:
-        sizes = {c.batch_size for c in self.verdicts if c.target.group_key == key}
-        sizes |= {c.batch_size for c, _ in self.latencies if c.target.group_key == key}
-        return sorted(sizes)
+        """Sizes that were timed: selection rows. Sizes only the numerics suite checked (the
+        awkward ones) have no latency to select on."""
+        return sorted({c.batch_size for c, _ in self.latencies if c.target.group_key == key})
 
     def cases(self, key: GroupKey, batch_size: int) -> list[Case]:
         return [t.at(batch_size) for t in self.targets() if t.group_key == key]

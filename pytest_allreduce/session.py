@@ -27,6 +27,19 @@ AWKWARD_ROWS: tuple[int, ...] = (1, 3, 127)
 GRAPH_REPLAYS = 1000
 # Bisection stops after this many rounds per config even if crossovers remain wider.
 MAX_BISECTION_ROUNDS = 6
+# ... and does not split a crossover interval narrower than this fraction of its lower end
+# (at least 2 rows): a server's nearest-key lookup gains nothing from finer keys, and on
+# noisy machines finer splits only chase noise.
+BISECTION_RESOLUTION = 1 / 16
+
+
+def worth_splitting(measured: list[int], point: int) -> bool:
+    """Whether `point` splits a crossover interval still wider than the resolution."""
+    if point in measured:
+        return False
+    lower = max((m for m in measured if m < point), default=point)
+    upper = min((m for m in measured if m > point), default=point)
+    return upper - lower > max(2, int(lower * BISECTION_RESOLUTION))
 
 
 def under_torchrun() -> bool:
@@ -264,11 +277,8 @@ class AllreduceSession:
 
         chosen = selection.select(self.store, key)
         for _ in range(MAX_BISECTION_ROUNDS):
-            points = [
-                p
-                for p in selection.bisection_points(chosen)
-                if p not in self.store.batch_sizes(key)
-            ]
+            measured = self.store.batch_sizes(key)
+            points = [p for p in selection.bisection_points(chosen) if worth_splitting(measured, p)]
             if not points:
                 break
             for rows in points:
