@@ -164,3 +164,22 @@ def test_malformed_baseline_names_file_and_problem(tmp_path, content, problem) -
 def test_unreadable_baseline_is_a_baseline_error(tmp_path) -> None:
     with pytest.raises(gate.BaselineError, match="cannot be read"):
         gate.check_baseline(make_store(), tmp_path / "missing.json")
+
+
+def test_run_to_run_drift_of_microsecond_ops_is_not_a_regression(tmp_path) -> None:
+    """20% slower but only 0.8 us: below the absolute floor (seen between two runs on H200)."""
+
+    def tiny(scale: float, seed: int) -> ResultStore:
+        store = ResultStore("cuda")
+        store.machine = {"device_type": "cuda", "device_name": DEVICE_NAME}
+        case = Target("flashinfer_trtllm", 2, 4096, "bfloat16").at(1)
+        store.record_latency(
+            Latency(case, "allreduce", noisy(4.0 * scale, seed), 50, "cuda_graph", 8192)
+        )
+        return store
+
+    path = gate.save_baseline(tiny(1.0, 1), tmp_path / "b.json")
+    drifted = gate.check_baseline(tiny(1.2, 2), path)
+    assert drifted.passed, drifted.summary()
+    doubled = gate.check_baseline(tiny(2.0, 3), path)
+    assert [r.key[0] for r in doubled.regressions] == ["flashinfer_trtllm"]
