@@ -193,7 +193,9 @@ def parse_int_list(text: str) -> tuple[int, ...]:
             start, stop = _positive_int(parts[0]), _positive_int(parts[1])
             step = _positive_int(parts[2]) if len(parts) == 3 else 1
             if stop < start:
-                raise ValueError(f"range {item!r} ends before it starts")
+                raise ValueError(
+                    f"range {item!r} ends before it starts; a range is a:b or a:b:step with a <= b"
+                )
             values.update(range(start, stop + 1, step))
         else:
             values.add(_positive_int(item))

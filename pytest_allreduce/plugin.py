@@ -63,6 +63,9 @@ def _session(config: pytest.Config) -> AllreduceSession:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    wanted = {"allreduce_case", "allreduce_target"} & set(metafunc.fixturenames)
+    if not wanted:
+        return
     session = _session(metafunc.config)
     # Targets that cannot run here for reasons known without asking a rank (another
     # device, multicast off, world size) get no test items at all, rather than thousands

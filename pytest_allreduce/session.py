@@ -138,7 +138,10 @@ class AllreduceSession:
         try:
             return self.call(world_size, fn, *args)
         except RankFailure as failure:
-            pytest.fail(str(failure), pytrace=False)
+            report = str(failure)
+        # Outside the except block, so the report is shown once, not once more as the
+        # exception "during handling" of which the failure was raised.
+        pytest.fail(report, pytrace=False)
 
     def close_pools(self) -> None:
         for world_size, executor in list(self._executors.items()):

@@ -91,7 +91,6 @@ def repeat_table(args: argparse.Namespace) -> str:
 
 def regret_table(args: argparse.Namespace) -> str:
     tuned = json.loads(Path(args.tuned).read_text())
-    config = tuned["config"] if isinstance(tuned.get("config"), dict) else None
     choices = tuned["dtypes"][args.dtype]["selection"]["choices"]
     again = load(args.remeasured, args.dtype)
     fused = medians(again, "fused")
@@ -118,7 +117,7 @@ def regret_table(args: argparse.Namespace) -> str:
         regret = mine / loadable[fastest] - 1
         regrets.append(regret)
 
-        def ratio(other: float | None) -> str:
+        def ratio(other: float | None, mine: float = mine) -> str:
             return f"{other / mine:.2f}x" if other else "-"
 
         out.append(
@@ -131,7 +130,6 @@ def regret_table(args: argparse.Namespace) -> str:
             f"\nregret: median {statistics.median(regrets):.1%}, largest {max(regrets):.1%} "
             f"over {len(regrets)} batch sizes (chosen / fastest - 1, re-measured)"
         )
-    del config
     return "\n".join(out)
 
 
