@@ -243,10 +243,14 @@ class AllreduceSession:
     # ---- session end ---------------------------------------------------------------------
 
     def finish(self) -> SessionReport:
-        """Select, bisect, write artifacts, gate. Only the writer process does the writing."""
+        """Select, bisect, write artifacts, gate. Only the writer process does the writing.
+
+        Under torchrun every rank takes part in the bisection (its measurements are
+        collective), so every rank runs the selection; only rank 0 writes.
+        """
         from . import artifacts, gate, selection
 
-        if not self.is_writer or not self.store.latencies:
+        if not self.store.latencies:
             return self.report
         selections: dict[GroupKey, selection.Selection] = {}
         measured = set(self.store.group_keys())
@@ -255,6 +259,8 @@ class AllreduceSession:
                 for dtype in self.plan.dtypes:
                     if (key := GroupKey(ws, hidden, dtype)) in measured:
                         selections[key] = self._select_with_bisection(key)
+        if not self.is_writer:
+            return self.report
         if missing := self.store.missing_suites():
             self.report.notes.append(
                 "no backend is eligible to win: the gating suite(s) "
@@ -282,12 +288,24 @@ class AllreduceSession:
         for _ in range(MAX_BISECTION_ROUNDS):
             measured = self.store.batch_sizes(key)
             points = [p for p in selection.bisection_points(chosen) if worth_splitting(measured, p)]
+            points = self._agree(key.world_size, points)
             if not points:
                 break
             for rows in points:
                 self._qualify_and_time(key, rows)
             chosen = selection.select(self.store, key)
         return chosen
+
+    def _agree(self, world_size: int, points: list[int]) -> list[int]:
+        """Under torchrun, rank 0's bisection points for every rank: each rank selects from
+        its own copy of the results, and one differing float must not make one rank measure
+        a size the others do not."""
+        if not self.torchrun:
+            return points
+        executor = self.executor(world_size)
+        assert isinstance(executor, InProcessGroup)
+        agreed: list[int] = executor.ctx.all_gather_object(points)[0]
+        return agreed
 
     def _qualify_and_time(self, key: GroupKey, rows: int) -> None:
         """At a size between two measured ones: the gating checks, then the timing, for
