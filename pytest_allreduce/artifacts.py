@@ -139,7 +139,7 @@ def _group_data(store: ResultStore, key: GroupKey) -> _GroupData:
         if case.target.group_key == key
     }
     targets = [t for t in store.targets() if t.group_key == key]
-    return _GroupData(key, targets, store.batch_sizes(key), latencies)
+    return _GroupData(key, targets, store.checked_batch_sizes(key), latencies)
 
 
 def _suites(store: ResultStore) -> list[str]:

@@ -83,6 +83,11 @@ class ResultStore:
         awkward ones) have no latency to select on."""
         return sorted({c.batch_size for c, _ in self.latencies if c.target.group_key == key})
 
+    def checked_batch_sizes(self, key: GroupKey) -> list[int]:
+        """Every size anything was recorded at: the evidence covers these."""
+        sizes = {c.batch_size for c in self.verdicts if c.target.group_key == key}
+        return sorted(sizes | set(self.batch_sizes(key)))
+
     def cases(self, key: GroupKey, batch_size: int) -> list[Case]:
         return [t.at(batch_size) for t in self.targets() if t.group_key == key]
 

@@ -3,6 +3,7 @@
     python tools/evidence_tables.py latency EVIDENCE [--sizes 1,16,128] [--dtype bfloat16]
     python tools/evidence_tables.py repeat EVIDENCE_A EVIDENCE_B
     python tools/evidence_tables.py regret TUNED_EVIDENCE REMEASURED_EVIDENCE
+    python tools/evidence_tables.py verdicts EVIDENCE
 
 `latency`: each backend's median beside NCCL's, bare allreduce and the fused job.
 `repeat`: the same measurement twice; per batch size the median over backends of
@@ -133,6 +134,42 @@ def regret_table(args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def verdicts_table(args: argparse.Namespace) -> str:
+    """Per backend: how many checks of each suite passed, failed or were skipped."""
+    evidence = load(args.evidence, args.dtype)
+    suites = ("numerics", "graph", "latency")
+    out = [
+        "| backend | config type | " + " | ".join(suites) + " | batch sizes checked |",
+        "|---|---|" + "---|" * len(suites) + "---|",
+    ]
+    for name, backend in sorted(evidence["backends"].items()):
+        counts = {s: {"passed": 0, "failed": 0, "skipped": 0} for s in suites}
+        sizes = []
+        for bs, entry in backend.get("batch_sizes", {}).items():
+            ran = False
+            for suite in suites:
+                for check in (entry.get("verdicts", {}).get(suite) or {}).get("checks", []):
+                    counts[suite][check["outcome"]] += 1
+                    ran = ran or check["outcome"] != "skipped"
+            if ran:
+                sizes.append(int(bs))
+        if not sizes:
+            continue
+
+        def cell(c: dict[str, int]) -> str:
+            text = f"{c['passed']} passed"
+            if c["failed"]:
+                text += f", **{c['failed']} failed**"
+            return text + (f", {c['skipped']} skipped" if c["skipped"] else "")
+
+        out.append(
+            f"| {name} | {backend.get('backend_type') or '-'} | "
+            + " | ".join(cell(counts[s]) for s in suites)
+            + f" | {', '.join(map(str, sorted(sizes)))} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bfloat16")
@@ -146,12 +183,16 @@ def main() -> None:
     reg = sub.add_parser("regret")
     reg.add_argument("tuned")
     reg.add_argument("remeasured")
+    ver = sub.add_parser("verdicts")
+    ver.add_argument("evidence")
     args = parser.parse_args()
-    print(
-        {"latency": latency_table, "repeat": repeat_table, "regret": regret_table}[args.command](
-            args
-        )
-    )
+    commands = {
+        "latency": latency_table,
+        "repeat": repeat_table,
+        "regret": regret_table,
+        "verdicts": verdicts_table,
+    }
+    print(commands[args.command](args))
 
 
 if __name__ == "__main__":
