@@ -152,6 +152,10 @@ def _suites(store: ResultStore) -> list[str]:
 def _latency_json(lat: Latency) -> dict[str, Any]:
     return {
         "median_us": lat.median_us,
+        "p10_us": lat.spread_us[0],
+        "p90_us": lat.spread_us[1],
+        "algbw_gbps": lat.algbw_gbps,
+        "busbw_gbps": lat.busbw_gbps,
         "samples_us": [float(s) for s in lat.samples_us],
         "ops_per_sample": lat.ops_per_sample,
         "clock": lat.clock,
@@ -381,9 +385,9 @@ def _report(
         lines += [
             f"### Batch size {bs}",
             "",
-            f"| backend | fused median (us) | allreduce median (us) | speedup vs fastest {std} "
-            f"| {suite_heads} | chosen |",
-            "|---|---|---|---|" + "---|" * len(suites) + "---|",
+            f"| backend | fused median (us) | allreduce median (us) | allreduce p10-p90 (us) "
+            f"| algbw / busbw (GB/s) | speedup vs fastest {std} | {suite_heads} | chosen |",
+            "|---|---|---|---|---|---|" + "---|" * len(suites) + "---|",
         ]
         for t in data.targets:
             fused_lat = data.latency(t.backend, bs, SELECTION_JOB)
@@ -400,10 +404,15 @@ def _report(
             outcomes = " | ".join(store.suite_outcome(case, s) for s in suites)
             chosen = selection.winner(bs) == t.backend
             name = f"**{t.backend}**" if chosen else t.backend
+            spread = bandwidth = "-"
+            if bare_lat is not None:
+                low, high = bare_lat.spread_us
+                spread = f"{low:.2f}-{high:.2f}"
+                bandwidth = f"{bare_lat.algbw_gbps:.1f} / {bare_lat.busbw_gbps:.1f}"
             lines.append(
                 f"| {name} | {_fmt_us(fused_med)} | "
-                f"{_fmt_us(bare_lat.median_us if bare_lat else None)} | {speedup} | "
-                f"{outcomes} | {'chosen' if chosen else ''} |"
+                f"{_fmt_us(bare_lat.median_us if bare_lat else None)} | {spread} | {bandwidth} | "
+                f"{speedup} | {outcomes} | {'chosen' if chosen else ''} |"
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

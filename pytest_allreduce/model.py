@@ -103,6 +103,26 @@ class Latency:
 
         return float(np.median(self.samples_us))
 
+    @property
+    def spread_us(self) -> tuple[float, float]:
+        """The 10th and 90th percentiles of the samples."""
+        import numpy as np
+
+        low, high = np.percentile(self.samples_us, [10, 90])
+        return float(low), float(high)
+
+    @property
+    def algbw_gbps(self) -> float:
+        """Bytes of one rank's input per second of the median op, in GB/s (nccl-tests)."""
+        return self.message_bytes / (self.median_us * 1e-6) / 1e9
+
+    @property
+    def busbw_gbps(self) -> float:
+        """algbw scaled by 2(n-1)/n, the share each link carries in a ring allreduce, so
+        figures are comparable across world sizes (nccl-tests' convention)."""
+        n = self.case.target.world_size
+        return self.algbw_gbps * 2 * (n - 1) / n
+
 
 @dataclass
 class Availability:

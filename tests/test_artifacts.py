@@ -183,7 +183,12 @@ def test_report_marks_the_chosen_backend(tmp_path, store, selections) -> None:
     chosen_rows = [line for line in rows[1:] if line.endswith("| chosen |")]
     assert len(chosen_rows) == 1
     assert "**flashinfer_fusion_oneshot**" in chosen_rows[0]
-    speedup = chosen_rows[0].split("|")[4].strip()
+    header = [cell.strip() for cell in rows[0].split("|")]
+    column = next(i for i, cell in enumerate(header) if cell.startswith("speedup vs fastest"))
+    speedup = chosen_rows[0].split("|")[column].strip()
+    bandwidth = header.index("algbw / busbw (GB/s)")
+    algbw, busbw = (float(x) for x in chosen_rows[0].split("|")[bandwidth].split("/"))
+    assert busbw == pytest.approx(algbw, rel=0.01)  # 2(n-1)/n is 1 at world size 2
     assert float(speedup.rstrip("x")) == pytest.approx(2.0, rel=0.03)
     custom_row = next(line for line in section.splitlines() if line.startswith("| custom_ar"))
     assert "failed" in custom_row
