@@ -34,10 +34,6 @@ class Work:
         return getattr(torch, self.target.dtype)
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 # ---- availability ------------------------------------------------------------------------
 
 

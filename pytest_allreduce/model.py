@@ -6,7 +6,6 @@ pytest process and its ranks, and lands in JSON evidence without conversion.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,9 +63,6 @@ class Case:
     @property
     def label(self) -> str:
         return f"{self.target.label}-bs{self.batch_size}"
-
-    def with_rows(self, batch_size: int) -> Case:
-        return dataclasses.replace(self, batch_size=batch_size)
 
 
 @dataclass(frozen=True)

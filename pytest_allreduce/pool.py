@@ -127,10 +127,6 @@ class RankPool:
             raise
         return self
 
-    @property
-    def pids(self) -> list[int]:
-        return [r.process.pid for r in self._ranks]
-
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
         """Run fn(ctx, *args) on every rank; every rank's return value, in rank order."""
         if self.broken:

@@ -69,10 +69,6 @@ class BackendRegistry:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             self.register(ep.load())
 
-    @property
-    def classes(self) -> dict[str, type[Backend]]:
-        return dict(self._classes)
-
     def variants(self) -> list[Variant]:
         return [Variant(cls, v) for cls in self._classes.values() for _, v in iter_variants(cls)]
 

@@ -38,7 +38,6 @@ class TimingPlan:
 @dataclass
 class TimingResult:
     samples_us: list[float]  # max over ranks, per sample
-    per_rank_us: list[list[float]]
     ops_per_sample: int
     clock: str
     engaged: str
@@ -61,7 +60,6 @@ def measure(ctx: RankContext, work: Work, rows: int, job: Job, plan: TimingPlan)
     worst = [max(per_rank[i] for per_rank in everyone) for i in range(plan.samples)]
     return TimingResult(
         samples_us=worst,
-        per_rank_us=everyone,
         ops_per_sample=plan.ops_per_sample,
         clock="cuda_graph" if ctx.is_cuda else "wall_clock",
         engaged=engaged(backend, job),
