@@ -179,31 +179,35 @@ def test_rank_exception_is_reported_with_its_traceback_and_the_pool_survives(
     _assert_no_rank_survives(pid_dir, expected_at_least=2)
 
 
+def _breaking_session(rank_function: str, test_name: str) -> str:
+    """A healthy test, then `test_name` running `rank_function` (which breaks the pool),
+    then a test that must pass on a fresh pool with new rank processes."""
+    return textwrap.dedent(
+        f"""
+        from ranks import {rank_function}
+        from state import PID_DIR, healthy_pool, seen
+
+
+        def test_first(allreduce_session):
+            seen["pids"] = healthy_pool(allreduce_session)
+
+
+        def {test_name}(allreduce_session):
+            allreduce_session.run(2, {rank_function}, PID_DIR)
+
+
+        def test_fresh_pool_afterwards(allreduce_session):
+            pids = healthy_pool(allreduce_session)
+            assert allreduce_session.pool_starts == 2
+            assert not set(pids) & set(seen["pids"])
+        """
+    )
+
+
 def test_hung_rank_times_out_with_its_stack_and_a_fresh_pool_follows(
     pytester: pytest.Pytester, pid_dir: Path
 ) -> None:
-    pytester.makepyfile(
-        test_hang=textwrap.dedent(
-            """
-            from ranks import sleep_forever_on_rank_one
-            from state import PID_DIR, healthy_pool, seen
-
-
-            def test_first(allreduce_session):
-                seen["pids"] = healthy_pool(allreduce_session)
-
-
-            def test_hang(allreduce_session):
-                allreduce_session.run(2, sleep_forever_on_rank_one, PID_DIR)
-
-
-            def test_fresh_pool_afterwards(allreduce_session):
-                pids = healthy_pool(allreduce_session)
-                assert allreduce_session.pool_starts == 2
-                assert not set(pids) & set(seen["pids"])
-            """
-        )
-    )
+    pytester.makepyfile(test_hang=_breaking_session("sleep_forever_on_rank_one", "test_hang"))
     start = time.monotonic()
     # The timeout bounds every call, the pool's start-up included (both ranks import torch
     # at once: about 2 s here, over 4 s with three sessions sharing two cores), so it is
@@ -233,28 +237,7 @@ def test_hung_rank_times_out_with_its_stack_and_a_fresh_pool_follows(
 def test_dead_rank_is_named_and_a_fresh_pool_follows(
     pytester: pytest.Pytester, pid_dir: Path, function: str, how: str
 ) -> None:
-    pytester.makepyfile(
-        test_die=textwrap.dedent(
-            f"""
-            from ranks import {function} as die
-            from state import PID_DIR, healthy_pool, seen
-
-
-            def test_first(allreduce_session):
-                seen["pids"] = healthy_pool(allreduce_session)
-
-
-            def test_die(allreduce_session):
-                allreduce_session.run(2, die, PID_DIR)
-
-
-            def test_fresh_pool_afterwards(allreduce_session):
-                pids = healthy_pool(allreduce_session)
-                assert allreduce_session.pool_starts == 2
-                assert not set(pids) & set(seen["pids"])
-            """
-        )
-    )
+    pytester.makepyfile(test_die=_breaking_session(function, "test_die"))
     start = time.monotonic()
     result = pytester.runpytest_subprocess(*SMALL_PLAN, "--allreduce-timeout=60", timeout=180)
     elapsed = time.monotonic() - start
