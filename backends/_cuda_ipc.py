@@ -11,7 +11,6 @@ cannot leave the others waiting inside an exchange.
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import ctypes
 import ctypes.util
@@ -20,12 +19,16 @@ import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+
+from . import _gpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
@@ -35,24 +38,13 @@ class _IpcHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
 
 
-def _loaded_library(stem: str) -> str | None:
-    """The path of an already loaded shared library whose file name starts with `stem`."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rstrip("\n").split(maxsplit=5)[-1]
-                if os.path.basename(path).startswith(stem) and os.path.isfile(path):
-                    return path
-    except OSError:
-        return None
-    return None
-
-
 def find_cudart() -> str:
     """The CUDA runtime library torch uses (loaded copy first, then installed copies)."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.init()
-    found = _loaded_library("libcudart.so")
+    found = _gpu.loaded_library("libcudart.so")
     if found:
         return found
     for root in {os.path.dirname(os.path.dirname(torch.__file__))}:
@@ -170,6 +162,8 @@ class SharedBuffer:
 
 def open_shared_buffer(ctx: RankContext, nbytes: int) -> SharedBuffer:
     """Collective: allocate `nbytes` (zeroed) on every rank and map every peer's buffer."""
+    import torch
+
     rt = cuda_runtime()
     own: int | None = None
     handle: bytes | None = None
@@ -216,6 +210,8 @@ def open_shared_buffer(ctx: RankContext, nbytes: int) -> SharedBuffer:
 
 def close_shared_buffer(ctx: RankContext, buffer: SharedBuffer) -> None:
     """Collective: unmap peers' buffers, wait for every rank, then free the own buffer."""
+    import torch
+
     rt = cuda_runtime()
     with torch.cuda.device(ctx.device):
         for peer, ptr in enumerate(buffer.ptrs):
@@ -239,7 +235,7 @@ def gather_graph_buffers(
     return [h for h, _ in gathered], [o for _, o in gathered]
 
 
-# ---- the part both custom-allreduce backends share ----------------------------------------
+# ---- the custom-allreduce backends (sgl-kernel's and FlashInfer's port) ----------------------
 
 # Servers' defaults: inputs strictly below 8 MiB, an 8 MiB eager staging buffer, and 8 MiB of
 # rank data (64 bytes per registered or captured buffer).
@@ -247,6 +243,16 @@ CUSTOM_AR_BUFFER_BYTES = 8 * 1024 * 1024
 CUSTOM_AR_RANK_DATA_BYTES = 8 * 1024 * 1024
 CUSTOM_AR_WORLD_SIZES: tuple[int, ...] = (2, 4, 6, 8)
 CUSTOM_AR_ALIGNMENT = 16
+# The entry points every custom-allreduce kernel build exports, before its prefix.
+KERNEL_FUNCTIONS: tuple[str, ...] = (
+    "init_custom_ar",
+    "register_buffer",
+    "all_reduce",
+    "get_graph_buffer_ipc_meta",
+    "register_graph_buffers",
+    "dispose",
+    "meta_size",
+)
 
 
 def custom_ar_limits() -> Limits:
@@ -262,7 +268,11 @@ def custom_ar_limits() -> Limits:
 
 
 class CustomAllReduceBase(Backend):
-    """vLLM-style custom allreduce over cudaIpc buffers; subclasses bind one kernel library.
+    """vLLM-style custom allreduce over cudaIpc buffers; a subclass names its kernel build.
+
+    The two builds (sgl-kernel's and FlashInfer's port) export the same seven functions,
+    FlashInfer's with a `vllm_` prefix and a CTA count as the kernel's last argument, so a
+    subclass only declares where they live.
 
     Set-up (collective): a shared meta buffer (signal + 2-stage scratch), a shared staging
     buffer for eager calls, uint8 rank data, init, and registration of the staging buffer.
@@ -271,42 +281,49 @@ class CustomAllReduceBase(Backend):
     pointer; `after_capture()` exchanges those pointers' IPC metadata and registers them.
     """
 
-    backend_type: ClassVar[str | None] = "custom_allreduce"
     simplicity = 30
-    label: ClassVar[str] = "custom allreduce"
+    library_module: ClassVar[str]  # the module exporting the kernels
+    package: ClassVar[str]  # what probe answers call it
+    distribution: ClassVar[str]  # its pip distribution, for the version in the evidence
+    prefix: ClassVar[str] = ""  # the functions' name prefix in that module
+    kernel_extra_args: ClassVar[tuple[Any, ...]] = ()  # appended to every kernel call
+    min_capability: ClassVar[tuple[int, int] | None] = None
 
-    # ---- the kernel library, bound by each subclass ----
-    @abc.abstractmethod
-    def _meta_size(self) -> int: ...
+    @classmethod
+    def _library(cls) -> Any:
+        import importlib
 
-    @abc.abstractmethod
-    def _init(self, meta_ptrs: list[int], rank_data: torch.Tensor, full_nvlink: bool) -> int: ...
+        return importlib.import_module(cls.library_module)
 
-    @abc.abstractmethod
-    def _register(self, ptrs: list[int]) -> None: ...
+    def _fn(self, name: str) -> Any:
+        return getattr(self.lib, self.prefix + name)
 
-    @abc.abstractmethod
-    def _kernel(
-        self, inp: torch.Tensor, out: torch.Tensor, reg_ptr: int, reg_bytes: int
-    ) -> None: ...
-
-    @abc.abstractmethod
-    def _graph_meta(self) -> tuple[list[int], list[int]]: ...
-
-    @abc.abstractmethod
-    def _register_graph(self, handles: list[list[int]], offsets: list[list[int]]) -> None: ...
-
-    @abc.abstractmethod
-    def _dispose(self) -> None: ...
-
-    # ---- the backend ----
     @classmethod
     def limits(cls, variant: str, world_size: int) -> Limits:
         return custom_ar_limits()
 
-    def setup(self) -> None:
-        from . import _gpu
+    @classmethod
+    def probe(cls, ctx: RankContext, variant: str) -> str | None:
+        if reason := _gpu.cuda_refusal(ctx):
+            return reason
+        if reason := _gpu.one_node_refusal(ctx):
+            return reason
+        if cls.min_capability and (reason := _gpu.min_capability_refusal(ctx, cls.min_capability)):
+            return reason
+        if reason := _gpu.module_refusal(cls.library_module, cls.package):
+            return reason
+        lib = cls._library()
+        missing = [cls.prefix + f for f in KERNEL_FUNCTIONS if not hasattr(lib, cls.prefix + f)]
+        if missing:
+            return f"{cls.package} lacks {', '.join(missing)}"
+        if reason := _gpu.full_nvlink_refusal(ctx):
+            return reason
+        return _gpu.peer_access_refusal(ctx)
 
+    def setup(self) -> None:
+        import torch
+
+        self.lib = self._library()
         self.fa: int | None = None
         self._capturing = False
         self.meta: SharedBuffer | None = None
@@ -314,17 +331,24 @@ class CustomAllReduceBase(Backend):
         # ws > 2 only runs with full NVLink (the probe refused otherwise); for ws 2 the
         # kernel always takes the 1-stage path, so the flag only records the topology.
         self.full_nvlink = self.ctx.world_size > 2 or _gpu.full_nvlink(self.ctx)[0]
-        self.meta = open_shared_buffer(self.ctx, self._meta_size() + CUSTOM_AR_BUFFER_BYTES)
+        meta_size = int(self._fn("meta_size")())
+        self.meta = open_shared_buffer(self.ctx, meta_size + CUSTOM_AR_BUFFER_BYTES)
         self.staging = open_shared_buffer(self.ctx, CUSTOM_AR_BUFFER_BYTES)
         with torch.cuda.device(self.ctx.device):
             self.rank_data = torch.empty(
                 CUSTOM_AR_RANK_DATA_BYTES, dtype=torch.uint8, device=self.ctx.device
             )
-            self.fa = self._init(self.meta.ptrs, self.rank_data, self.full_nvlink)
-            self._register(self.staging.ptrs)
+            self.fa = int(
+                self._fn("init_custom_ar")(
+                    self.meta.ptrs, self.rank_data, self.ctx.rank, self.full_nvlink
+                )
+            )
+            self._fn("register_buffer")(self.fa, self.staging.ptrs)
         self.ctx.barrier()
 
     def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+
         assert self.staging is not None
         if torch.cuda.is_current_stream_capturing():
             if not self._capturing:
@@ -332,9 +356,10 @@ class CustomAllReduceBase(Backend):
                     f"{self.full_name} was captured outside its capture() context, so its "
                     "graph buffers would never be registered"
                 )
-            self._kernel(inp, out, 0, 0)
+            reg_ptr, reg_bytes = 0, 0
         else:
-            self._kernel(inp, out, self.staging.local, self.staging.nbytes)
+            reg_ptr, reg_bytes = self.staging.local, self.staging.nbytes
+        self._fn("all_reduce")(self.fa, inp, out, reg_ptr, reg_bytes, *self.kernel_extra_args)
 
     @contextlib.contextmanager
     def _capture_context(self) -> Iterator[None]:
@@ -348,23 +373,22 @@ class CustomAllReduceBase(Backend):
         return self._capture_context()
 
     def after_capture(self) -> int:
-        handle_bytes, offsets = self._graph_meta()
-        handles, all_offsets = gather_graph_buffers(self.ctx, handle_bytes, offsets)
-        self._register_graph(handles, all_offsets)
+        handle_bytes, offsets = self._fn("get_graph_buffer_ipc_meta")(self.fa)
+        handles, all_offsets = gather_graph_buffers(self.ctx, list(handle_bytes), list(offsets))
+        self._fn("register_graph_buffers")(self.fa, handles, all_offsets)
         return len(offsets)
 
     def engaged(self) -> str:
         nvlink = "full NVLink" if self.full_nvlink else "no full NVLink"
         return (
-            f"{self.label} ({nvlink}); eager: copy-in to the registered staging buffer; "
-            "graphs: captured input buffers registered after capture"
+            f"{self.spec.summary} ({nvlink}; {self.package} "
+            f"{_gpu.package_version(self.distribution)}); eager: copy-in to the registered "
+            "staging buffer; graphs: captured input buffers registered after capture"
         )
 
-    def close(self) -> None:
-        torch.cuda.synchronize(self.ctx.device)
-        self.ctx.barrier()
+    def release(self) -> None:
         if self.fa is not None:
-            self._dispose()
+            self._fn("dispose")(self.fa)
             self.fa = None
         for name in ("staging", "meta"):
             buffer = getattr(self, name, None)

@@ -9,13 +9,14 @@ first use; the devkit ships it compiled for SM90); nothing here builds any other
 from __future__ import annotations
 
 import warnings
-from typing import Any
-
-import torch
-
-from pytest_allreduce.context import RankContext
+from typing import TYPE_CHECKING, Any
 
 from . import _gpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 # TRT-LLM kernels: the C++ dispatch handles these world sizes; JIT targets majors 9/10/12.
 TRTLLM_WORLD_SIZES: tuple[int, ...] = (2, 4, 8, 16)
@@ -74,6 +75,8 @@ def create_workspace(
     ctx: RankContext, backend: str, max_rows: int, hidden: int, dtype: torch.dtype
 ) -> Any:
     """Collective over ctx.group: a workspace for up to `max_rows` x `hidden` inputs."""
+    import torch
+
     if backend not in ("trtllm", "mnnvl", "auto"):
         raise ValueError(f"unknown FlashInfer allreduce backend {backend!r}")
     if backend != "trtllm" and not ctx.multicast_allowed:
@@ -102,9 +105,9 @@ def create_workspace(
 
 
 def destroy_workspace(ctx: RankContext, workspace: Any) -> None:
-    """destroy() only drops references: no peer kernel may still touch the memory."""
-    torch.cuda.synchronize(ctx.device)
-    ctx.barrier()
+    """destroy() only drops references; the caller (Backend.close) has synchronised and
+    waited for every peer, and the second barrier keeps a peer from freeing what this rank's
+    destroy still reaches."""
     workspace.destroy()
     ctx.barrier()
 

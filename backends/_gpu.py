@@ -1,7 +1,8 @@
 """Local probe helpers shared by the GPU backends: CUDA, capability, packages, topology.
 
-Everything here is local to one rank (no collectives), imports GPU libraries lazily and
-returns a short reason string where the answer is "no", or None where it is "yes".
+Everything here is local to one rank (no collectives), imports torch and GPU libraries
+lazily (backend modules are imported while pytest starts) and returns a short reason string
+where the answer is "no", or None where it is "yes".
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import functools
 import importlib
 import importlib.util
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pytest_allreduce.context import RankContext
+if TYPE_CHECKING:
+    from pytest_allreduce.context import RankContext
 
 MiB = 1 << 20
 
@@ -24,6 +24,8 @@ ONE_NODE_REASON = "needs every rank on one node"
 
 def cuda_refusal(ctx: RankContext, *, rocm_ok: bool = False) -> str | None:
     """Why this rank has no usable CUDA device for a GPU backend, or None."""
+    import torch
+
     if ctx.device.type != "cuda":
         return f"needs a CUDA device (rank device is {ctx.device.type})"
     if not torch.cuda.is_available():
@@ -34,6 +36,8 @@ def cuda_refusal(ctx: RankContext, *, rocm_ok: bool = False) -> str | None:
 
 
 def capability(ctx: RankContext) -> tuple[int, int]:
+    import torch
+
     major, minor = torch.cuda.get_device_capability(ctx.device)
     return int(major), int(minor)
 
@@ -98,6 +102,19 @@ def module_refusal(module: str, package: str) -> str | None:
     return None
 
 
+def loaded_library(stem: str) -> str | None:
+    """The path of an already loaded shared library whose file name starts with `stem`."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if os.path.basename(path).startswith(stem) and os.path.isfile(path):
+                    return path
+    except OSError:
+        return None
+    return None
+
+
 def installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -123,6 +140,8 @@ def group_devices(ctx: RankContext) -> list[int] | None:
     Assumes the usual one-process-per-GPU layout where local rank i drives visible device i;
     where this process cannot see its peers' GPUs the answer is None (cannot check locally).
     """
+    import torch
+
     if ctx.device.index is None or ctx.device.index != ctx.local_rank:
         return None
     count = torch.cuda.device_count()
@@ -132,6 +151,8 @@ def group_devices(ctx: RankContext) -> list[int] | None:
 
 
 def _nvml_handle(nvml: Any, index: int) -> Any:
+    import torch
+
     props = torch.cuda.get_device_properties(index)
     uuid = getattr(props, "uuid", None)
     if uuid is not None:
@@ -194,6 +215,8 @@ def full_nvlink_refusal(ctx: RankContext) -> str | None:
 
 def peer_access_refusal(ctx: RankContext) -> str | None:
     """Refuse when the driver says this GPU cannot access a peer's memory directly."""
+    import torch
+
     devices = group_devices(ctx)
     if devices is None:
         return None  # cannot tell locally; set-up fails loudly if IPC really does not work

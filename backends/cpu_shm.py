@@ -18,11 +18,14 @@ import mmap
 import os
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
-import torch
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 _COUNTER_STRIDE = 64  # one cache line per rank, so counters never share a line
 _SLOT_ALIGN = 64
@@ -31,7 +34,9 @@ _SHM_DIR = "/dev/shm"
 
 class CpuShmBackend(Backend):
     name = "cpu_shm"
-    backend_type = "cpu_shm"
+    variants = (
+        VariantSpec(server_type="cpu_shm", summary="cpu_shm one-shot through shared memory"),
+    )
     simplicity = 10
 
     @classmethod
@@ -51,8 +56,10 @@ class CpuShmBackend(Backend):
         return None
 
     def setup(self) -> None:
+        import torch
+
         ws = self.ctx.world_size
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         slot = -(-self.max_rows * self.hidden * itemsize // _SLOT_ALIGN) * _SLOT_ALIGN
         header = ws * _COUNTER_STRIDE
         size = header + 2 * ws * slot
@@ -86,6 +93,8 @@ class CpuShmBackend(Backend):
         self._generation = 0
 
     def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+
         g = self._generation + 1
         nbytes = inp.numel() * inp.element_size()
         slots = self._slots[g % 2]
@@ -119,11 +128,6 @@ class CpuShmBackend(Backend):
             else:
                 os.sched_yield()
 
-    def engaged(self) -> str:
-        return "cpu_shm one-shot through shared memory"
-
-    def close(self) -> None:
-        # Wait for every peer to finish its last read before the mapping goes.
-        self.ctx.barrier()
+    def release(self) -> None:
         del self._counters, self._slots
         self._map.close()

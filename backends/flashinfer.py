@@ -5,27 +5,33 @@ multicast), `auto` (FlashInfer's choice: mnnvl wherever every rank reports multi
 support). mnnvl and auto need multicast, so the engine skips them where it is off, and the
 probe refuses them too: a multicast object is never created on such a machine.
 
-backend_type is SGLang's `flashinfer_fusion` with use_residual_rmsnorm_fusion false (fused is
-False here: the engine composes residual add + RMSNorm after this allreduce).
+No server type: SGLang's adaptive allreduce runs FlashInfer only for a `flashinfer_fusion`
+entry with the fusion flag set (the fused kernel, `flashinfer_fusion`); for the flag unset it
+runs its default NCCL path, so a config can never make a server run this standalone
+allreduce. It is measured and reported beside the others, never written.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 from . import _flashinfer as fi
 from . import _gpu
 
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
+
 
 class FlashinferBackend(Backend):
     name = "flashinfer"
-    backend_type: ClassVar[str | None] = "flashinfer_fusion"
-    variants: ClassVar[tuple[str, ...]] = ("trtllm", "mnnvl", "auto")
+    variants = tuple(
+        VariantSpec(suffix, summary=f"flashinfer {suffix} allreduce (kAllReduce)")
+        for suffix in ("trtllm", "mnnvl", "auto")
+    )
     simplicity = 40
 
     @classmethod
@@ -38,14 +44,11 @@ class FlashinferBackend(Backend):
             hidden_multiple=fi.HIDDEN_MULTIPLE,
             # Servers run MNNVL eagerly (not treated as capture-safe); auto may pick MNNVL.
             graph_capturable=variant == "trtllm",
-            fused=False,
             needs_multicast=variant in ("mnnvl", "auto"),
         )
 
     @classmethod
     def probe(cls, ctx: RankContext, variant: str) -> str | None:
-        if variant not in cls.variants:
-            return f"unknown variant {variant!r}"
         if reason := _gpu.cuda_refusal(ctx):
             return reason
         if variant != "trtllm" and (reason := _gpu.multicast_refusal(ctx)):
@@ -63,7 +66,7 @@ class FlashinferBackend(Backend):
         lib = fi.comm()
         self._allreduce_fusion = lib.allreduce_fusion
         self._pattern = int(lib.AllReduceFusionPattern.kAllReduce)
-        self._itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self._itemsize = self.dtype.itemsize
 
     def _use_oneshot(self, rows: int) -> bool | None:
         if self.kind != "trtllm":
@@ -88,7 +91,7 @@ class FlashinferBackend(Backend):
             mode = "MNNVL strategy by size"
         return f"flashinfer {self.kind} allreduce kAllReduce{picked}, {mode}"
 
-    def close(self) -> None:
+    def release(self) -> None:
         workspace, self.workspace = getattr(self, "workspace", None), None
         if workspace is not None:
             fi.destroy_workspace(self.ctx, workspace)

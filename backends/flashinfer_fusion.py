@@ -3,12 +3,13 @@
 Variants (one-/two-shot is always passed explicitly; every rank makes the same choice):
 
 - one_shot, two_shot: _fused runs pattern kARResidualRMSNorm (residual_out = sum + residual,
-  out = RMSNorm(residual_out) * weight); _all_reduce runs pattern kAllReduce. backend_type
-  "flashinfer_fusion" with use_residual_rmsnorm_fusion true.
+  out = RMSNorm(residual_out) * weight); _all_reduce runs pattern kAllReduce. one_shot is
+  what SGLang's adaptive allreduce runs for a `flashinfer_fusion` entry with the fusion flag
+  set (it always passes use_oneshot=True); two_shot is measured, never written.
 - one_shot_fp8: _fused runs kARResidualRMSNormOutFP8Quant, which also writes an FP8 (e4m3)
   copy of the normed output into an internal buffer (scale 1.0). The job's output must be
   bf16/fp16, which an FP8 server path does not produce, so this variant is measured and
-  reported but never selectable: backend_type None. It still writes norm_out (= out), so the
+  reported but never selectable: no server type. It still writes norm_out (= out), so the
   numerics suite checks it like the others; _all_reduce is plain kAllReduce.
 - one_shot_fp4: the same with NVFP4 output (kARResidualRMSNormOutFP4Quant, 128x4 swizzled
   scales). Only on compute capability >= 10: the SM90 build's FP4 conversion returns zeros.
@@ -19,31 +20,50 @@ server type this maps to serves bf16/fp16 only, so fp32 is declared unsupported.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 from . import _flashinfer as fi
 from . import _gpu
 
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
+
 FP4_MIN_MAJOR = 10
 FP4_BLOCK = 16  # NVFP4: one scale per 16 elements
-_QUANTIZED = ("one_shot_fp8", "one_shot_fp4")
 
 
 class FlashinferFusionBackend(Backend):
     name = "flashinfer_fusion"
-    backend_type: ClassVar[str | None] = "flashinfer_fusion"
-    variants: ClassVar[tuple[str, ...]] = ("one_shot", "two_shot", "one_shot_fp8", "one_shot_fp4")
-    simplicity = 40
-
-    @classmethod
-    def variant_backend_type(cls, variant: str) -> str | None:
+    variants = (
+        VariantSpec(
+            "one_shot",
+            server_type="flashinfer_fusion",
+            fused=True,
+            summary="flashinfer trtllm one-shot fused kARResidualRMSNorm",
+        ),
+        # The consumer always runs one-shot: no config entry makes it run this.
+        VariantSpec(
+            "two_shot",
+            fused=True,
+            summary="flashinfer trtllm two-shot fused kARResidualRMSNorm",
+        ),
         # Quantized outputs cannot be the server's bf16/fp16 output: never in a config.
-        return None if variant in _QUANTIZED else cls.backend_type
+        VariantSpec(
+            "one_shot_fp8",
+            fused=True,
+            summary="flashinfer trtllm one-shot fused kARResidualRMSNormOutFP8Quant",
+        ),
+        VariantSpec(
+            "one_shot_fp4",
+            fused=True,
+            summary="flashinfer trtllm one-shot fused kARResidualRMSNormOutFP4Quant",
+        ),
+    )
+    simplicity = 40
 
     @classmethod
     def limits(cls, variant: str, world_size: int) -> Limits:
@@ -61,13 +81,10 @@ class FlashinferFusionBackend(Backend):
             max_bytes=max_bytes,
             hidden_multiple=FP4_BLOCK if variant == "one_shot_fp4" else fi.HIDDEN_MULTIPLE,
             graph_capturable=True,
-            fused=True,
         )
 
     @classmethod
     def probe(cls, ctx: RankContext, variant: str) -> str | None:
-        if variant not in cls.variants:
-            return f"unknown variant {variant!r}"
         if reason := _gpu.cuda_refusal(ctx):
             return reason
         if reason := _gpu.one_node_refusal(ctx):
@@ -82,6 +99,8 @@ class FlashinferFusionBackend(Backend):
         return fi.probe_flashinfer(ctx, fi.TRTLLM_MAJORS, "FlashInfer trtllm fusion")
 
     def setup(self) -> None:
+        import torch
+
         self.workspace: Any = fi.create_workspace(
             self.ctx, "trtllm", self.max_rows, self.hidden, self.dtype
         )
@@ -170,7 +189,7 @@ class FlashinferFusionBackend(Backend):
         }.get(self.variant, "kARResidualRMSNorm")
         return f"flashinfer trtllm {shot} fused: {fused}; allreduce: kAllReduce"
 
-    def close(self) -> None:
+    def release(self) -> None:
         workspace, self.workspace = getattr(self, "workspace", None), None
         if workspace is not None:
             fi.destroy_workspace(self.ctx, workspace)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 
 class GlooBackend(Backend):
     name = "gloo"
-    backend_type = "gloo"
+    variants = (VariantSpec(server_type="gloo", summary="torch.distributed all_reduce (gloo)"),)
     simplicity = 0
 
     @classmethod
@@ -20,6 +23,8 @@ class GlooBackend(Backend):
 
     @classmethod
     def probe(cls, ctx: RankContext, variant: str) -> str | None:
+        import torch.distributed as dist
+
         if not dist.is_gloo_available():
             return "torch was built without gloo"
         return None
@@ -28,5 +33,7 @@ class GlooBackend(Backend):
         pass
 
     def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        import torch.distributed as dist
+
         out.copy_(inp)
         dist.all_reduce(out, group=self.ctx.cpu_group)

@@ -6,20 +6,21 @@ needs_multicast is always True (the engine never sets it up where multicast is o
 probe and set-up refuse too), the probe checks for the nvidia-nvshmem package, and the rank
 group must be the whole default group. fp16/bf16, SM90/SM100. Its autotune picks a mode
 (fused kernels or NCCL) per op at set-up; CUDA-graph capture is not documented, so it is
-declared not capturable. backend_type None.
+declared not capturable. No server config type names it.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
-
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 from . import _gpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 MAJORS: tuple[int, ...] = (9, 10)
 
@@ -32,7 +33,7 @@ def _mixed() -> Any:
 
 class MixedCommBackend(Backend):
     name = "mixed_comm"
-    backend_type: ClassVar[str | None] = None
+    variants = (VariantSpec(summary="flashinfer MixedComm ALLREDUCE"),)
     simplicity = 70
 
     @classmethod
@@ -60,6 +61,8 @@ class MixedCommBackend(Backend):
             return "needs the same number of ranks on every node"
         if not _gpu.installed("nvidia.nvshmem"):
             return "nvidia-nvshmem not installed"
+        import torch.distributed as dist
+
         if not dist.is_initialized() or dist.get_world_size() != ctx.world_size:
             return "MixedComm works over the whole default process group only"
         if reason := _gpu.module_refusal("flashinfer.comm.mixed_comm", "flashinfer"):
@@ -69,6 +72,8 @@ class MixedCommBackend(Backend):
         return None
 
     def setup(self) -> None:
+        import torch
+
         if not self.ctx.multicast_allowed:
             raise RuntimeError("mixed_comm set up while multicast is off")
         mixed = _mixed()
@@ -99,10 +104,7 @@ class MixedCommBackend(Backend):
     def engaged(self) -> str:
         return "flashinfer MixedComm ALLREDUCE (autotuned mode per size)"
 
-    def close(self) -> None:
+    def release(self) -> None:
         handler, self.handler = getattr(self, "handler", None), None
-        if handler is None:
-            return
-        torch.cuda.synchronize(self.ctx.device)
-        self.ctx.barrier()
-        handler.shutdown()
+        if handler is not None:
+            handler.shutdown()

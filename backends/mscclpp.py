@@ -1,7 +1,7 @@
 """MSCCL++ one-shot LL allreduce from sgl-kernel 0.3.x (`sgl_kernel.allreduce.mscclpp_*`).
 
 Only sgl-kernel 0.3.x ships these functions (sglang-kernel 0.4+ removed them); the probe says
-so otherwise. backend_type None: no server config type names it.
+so otherwise. No server config type names it.
 
 As servers use it: world size 8 (one node) or 16 (two nodes of 8), messages up to 1 MiB,
 inside CUDA graphs only. Eager calls work but rebuild the memory channels for every new
@@ -13,14 +13,16 @@ silently left unreduced).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 from . import _gpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 MAX_BYTES = 1 << 20
 WORLD_SIZES: tuple[int, ...] = (8, 16)
@@ -40,7 +42,7 @@ def _ops() -> Any:
 
 class MscclppBackend(Backend):
     name = "mscclpp"
-    backend_type: ClassVar[str | None] = None
+    variants = (VariantSpec(summary="sgl-kernel mscclpp one-shot LL"),)
     simplicity = 60
 
     @classmethod
@@ -74,6 +76,8 @@ class MscclppBackend(Backend):
         return None
 
     def setup(self) -> None:
+        import torch
+
         ops = _ops()
         self.ops = ops
         ctx = self.ctx
@@ -109,9 +113,7 @@ class MscclppBackend(Backend):
         nodes = "1 node" if self.selection == SINGLE_NODE else "2 nodes"
         return f"sgl-kernel mscclpp one-shot LL ({nodes}, {NTHREADS} threads x {NBLOCKS} blocks)"
 
-    def close(self) -> None:
-        torch.cuda.synchronize(self.ctx.device)
-        self.ctx.barrier()
+    def release(self) -> None:
         # sgl-kernel exposes no destroy for the context; dropping the buffers is all we can do.
         self.context = None
         self.scratch = None

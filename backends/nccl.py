@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 from . import _gpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 
 class NcclBackend(Backend):
     name = "nccl"
-    backend_type: ClassVar[str | None] = "nccl"
+    variants = (
+        VariantSpec(
+            server_type="nccl",
+            summary="torch.distributed all_reduce (NCCL, in place on a copy)",
+        ),
+    )
     simplicity = 0
 
     @classmethod
@@ -29,6 +35,8 @@ class NcclBackend(Backend):
 
     @classmethod
     def probe(cls, ctx: RankContext, variant: str) -> str | None:
+        import torch.distributed as dist
+
         if reason := _gpu.cuda_refusal(ctx, rocm_ok=True):
             return reason
         if not dist.is_nccl_available():
@@ -38,6 +46,9 @@ class NcclBackend(Backend):
         return None
 
     def setup(self) -> None:
+        import torch
+        import torch.distributed as dist
+
         # One collective outside any capture, so NCCL's communicator exists before a graph
         # is captured (it is created lazily at the first collective otherwise).
         with torch.cuda.device(self.ctx.device):
@@ -46,8 +57,7 @@ class NcclBackend(Backend):
             torch.cuda.synchronize(self.ctx.device)
 
     def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        import torch.distributed as dist
+
         out.copy_(inp)
         dist.all_reduce(out, group=self.ctx.group)
-
-    def engaged(self) -> str:
-        return "torch.distributed all_reduce (NCCL, in place on a copy)"

@@ -11,24 +11,21 @@ import ctypes
 import functools
 import glob
 import os
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
-import torch
-
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 from . import _gpu
-from ._cuda_ipc import _loaded_library
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 NCCL_UNIQUE_ID_BYTES = 128
 NCCL_SUM = 0  # ncclRedOp_t ncclSum
 # ncclDataType_t values of the dtypes this backend accepts.
-NCCL_DTYPES: dict[torch.dtype, int] = {
-    torch.float16: 6,  # ncclFloat16
-    torch.float32: 7,  # ncclFloat32
-    torch.bfloat16: 9,  # ncclBfloat16
-}
+NCCL_DTYPES: dict[str, int] = {"float16": 6, "float32": 7, "bfloat16": 9}
 # Set to a libnccl path to override the library found next to torch.
 NCCL_LIBRARY_ENV = "PYTEST_ALLREDUCE_NCCL_LIBRARY"
 
@@ -39,19 +36,21 @@ class _UniqueId(ctypes.Structure):
 
 def nccl_dtype(dtype: torch.dtype) -> int:
     try:
-        return NCCL_DTYPES[dtype]
+        return NCCL_DTYPES[str(dtype).removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"pynccl does not handle {dtype}") from None
 
 
 def find_libnccl() -> str:
     """The NCCL library: the override, the copy torch loaded, the nvidia wheel, the system."""
+    import torch
+
     override = os.environ.get(NCCL_LIBRARY_ENV)
     if override:
         return override
     if torch.cuda.is_available():
         torch.cuda.init()
-    loaded = _loaded_library("libnccl.so")
+    loaded = _gpu.loaded_library("libnccl.so")
     if loaded:
         return loaded
     site = os.path.dirname(os.path.dirname(torch.__file__))
@@ -148,7 +147,9 @@ def nccl_library() -> NcclLibrary:
 
 class PyncclBackend(Backend):
     name = "pynccl"
-    backend_type: ClassVar[str | None] = "nccl"
+    variants = (
+        VariantSpec(server_type="nccl", summary="raw ncclAllReduce on torch's current stream"),
+    )
     simplicity = 5
 
     @classmethod
@@ -171,6 +172,8 @@ class PyncclBackend(Backend):
         return None
 
     def setup(self) -> None:
+        import torch
+
         self.nccl = nccl_library()
         self.comm: int | None = None
         uid = self.nccl.unique_id() if self.ctx.rank == 0 else None
@@ -181,6 +184,8 @@ class PyncclBackend(Backend):
         self.nccl_dtype = nccl_dtype(self.dtype)
 
     def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+
         assert self.comm is not None
         self.nccl.all_reduce(
             inp.data_ptr(),
@@ -194,10 +199,8 @@ class PyncclBackend(Backend):
     def engaged(self) -> str:
         return f"raw ncclAllReduce (NCCL {self.nccl.version()}) on torch's current stream"
 
-    def close(self) -> None:
+    def release(self) -> None:
         if self.comm is None:
             return
-        torch.cuda.synchronize(self.ctx.device)
-        self.ctx.barrier()
         comm, self.comm = self.comm, None
         self.nccl.destroy(comm)

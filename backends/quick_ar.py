@@ -4,7 +4,7 @@ On CUDA the probe answers "ROCm only". On ROCm it needs a gfx94x/gfx95x GPU, sgl
 ROCm build with init_custom_qr/qr_*, and ROCM_QUICK_REDUCE_QUANTIZATION set to FP, INT8,
 INT6 or INT4 (servers keep it off otherwise). The INT levels are lossy: their results are
 expected to differ from an exact sum. Optional ROCM_QUICK_REDUCE_CAST_BF16_TO_FP16 (default
-on) runs bf16 inputs through the fp16 kernels. backend_type None.
+on) runs bf16 inputs through the fp16 kernels. No server config type names it.
 
 Servers also skip it below per-(dtype, world size, level) minimum sizes (it is slower than
 custom allreduce there); Limits has no minimum size, so small sizes are measured too.
@@ -13,14 +13,16 @@ custom allreduce there); Limits has no minimum size, so small sizes are measured
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 from . import _gpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 QUANT_ENV = "ROCM_QUICK_REDUCE_QUANTIZATION"
 CAST_ENV = "ROCM_QUICK_REDUCE_CAST_BF16_TO_FP16"
@@ -45,7 +47,7 @@ def _ops() -> Any:
 
 class QuickArBackend(Backend):
     name = "quick_ar"
-    backend_type: ClassVar[str | None] = None
+    variants = (VariantSpec(summary="sgl-kernel quick allreduce (ROCm)"),)
     simplicity = 60
 
     @classmethod
@@ -61,6 +63,8 @@ class QuickArBackend(Backend):
 
     @classmethod
     def probe(cls, ctx: RankContext, variant: str) -> str | None:
+        import torch
+
         if torch.version.hip is None:
             return "ROCm only"
         if reason := _gpu.cuda_refusal(ctx, rocm_ok=True):
@@ -80,6 +84,8 @@ class QuickArBackend(Backend):
         return None
 
     def setup(self) -> None:
+        import torch
+
         self.ops = _ops()
         level = quant_level()
         if level is None:
@@ -102,10 +108,8 @@ class QuickArBackend(Backend):
         cast = ", bf16 via fp16 kernels" if self.cast_bf16 else ""
         return f"sgl-kernel quick allreduce {self.level}{cast}"
 
-    def close(self) -> None:
+    def release(self) -> None:
         if self.fa is None:
             return
-        torch.cuda.synchronize(self.ctx.device)
-        self.ctx.barrier()
         fa, self.fa = self.fa, None
         self.ops.qr_destroy(fa)

@@ -13,14 +13,16 @@ buffer, runs the variant's op, and leaves the sum in `out`:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
-import torch
-
-from pytest_allreduce.backend import Backend, Limits
-from pytest_allreduce.context import RankContext
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 from . import _gpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_allreduce.context import RankContext
 
 MiB = _gpu.MiB
 
@@ -40,8 +42,16 @@ _OPS: dict[str, str] = {
 
 class TorchSymmMemBackend(Backend):
     name = "torch_symm_mem"
-    backend_type: ClassVar[str | None] = "torch_symm_mem"
-    variants: ClassVar[tuple[str, ...]] = ("one_shot", "two_shot", "multimem")
+    # SGLang's communicator runs two-shot or multimem (by world size and capability), never
+    # one-shot: no config entry makes a server run one_shot, so it has no server type.
+    variants = tuple(
+        VariantSpec(
+            suffix,
+            server_type=None if suffix == "one_shot" else "torch_symm_mem",
+            summary=f"torch.ops.symm_mem.{op} (copy-in to the symmetric buffer)",
+        )
+        for suffix, op in _OPS.items()
+    )
     simplicity = 20
 
     @classmethod
@@ -58,14 +68,14 @@ class TorchSymmMemBackend(Backend):
 
     @classmethod
     def probe(cls, ctx: RankContext, variant: str) -> str | None:
-        if variant not in _OPS:
-            return f"unknown variant {variant!r}"
         if reason := _gpu.cuda_refusal(ctx):
             return reason
         if variant == "multimem" and (reason := _gpu.multicast_refusal(ctx)):
             return reason
         if reason := _gpu.min_capability_refusal(ctx, MIN_CAPABILITY):
             return reason
+        import torch
+
         try:
             import torch.distributed._symmetric_memory as symm_mem
         except ImportError:
@@ -77,6 +87,7 @@ class TorchSymmMemBackend(Backend):
         return None
 
     def setup(self) -> None:
+        import torch
         import torch.distributed._symmetric_memory as symm_mem
 
         if self.variant == "multimem" and not self.ctx.multicast_allowed:
@@ -100,13 +111,6 @@ class TorchSymmMemBackend(Backend):
             self._op(view, "sum", self.group_name)
             out.view(-1).copy_(view)
 
-    def engaged(self) -> str:
-        return f"torch.ops.symm_mem.{_OPS[self.variant]} (copy-in to the symmetric buffer)"
-
-    def close(self) -> None:
-        if getattr(self, "buffer", None) is None:
-            return
-        torch.cuda.synchronize(self.ctx.device)
-        self.ctx.barrier()
+    def release(self) -> None:
         self.handle = None
         self.buffer = None

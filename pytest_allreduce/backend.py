@@ -1,9 +1,13 @@
 """The backend contract: what one allreduce backend module provides.
 
-A backend module holds only its own probe, limits, set-up, call and teardown. The engine owns
+A backend module holds only its own probe, limits, set-up, call and release. The engine owns
 everything else: which ranks run it, agreeing on availability, checking, timing, capture,
 selection and reporting. The engine composes allreduce + residual add + RMSNorm for backends
 that do not fuse it, so every backend competes on the same job.
+
+This module imports no torch at import time: the plugin reads every backend's declarations
+(names, variants, limits) while pytest starts, and a project that never runs an allreduce
+must not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -11,20 +15,23 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .context import RankContext
+    from .context import RankContext
 
 # Server config types (SGLang's adaptive allreduce). A GPU config only ever names these; a
-# backend whose `backend_type` is None is measured and reported but never written to one.
+# variant whose `server_type` is None is measured and reported but never written to one.
 GPU_CONFIG_TYPES: frozenset[str] = frozenset(
     {"flashinfer_fusion", "torch_symm_mem", "custom_allreduce", "nccl"}
 )
 CPU_CONFIG_TYPES: frozenset[str] = frozenset({"gloo", "cpu_shm"})
+
+# Bytes per element of the dtypes the plugin plans, so limits are checked without torch.
+ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 class UnsupportedInput(ValueError):
@@ -33,6 +40,23 @@ class UnsupportedInput(ValueError):
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One selectable form of a backend: the single declaration every part reads.
+
+    The engine reads `fused` to decide whether the fused job calls the backend's own kernel
+    or composes it; the config writer and the loader read `server_type` to decide which
+    config `backend_type` may name it; reports print `summary`.
+    """
+
+    suffix: str = ""  # "" for a backend with a single form, named like the backend
+    # The config backend_type that names this variant, or None where no server config can
+    # make a server run it (measured and reported, never written).
+    server_type: str | None = None
+    fused: bool = False  # its fused job is one kernel (allreduce + residual add + RMSNorm)
+    summary: str = ""  # what it runs, in a few words, for reports
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,6 @@ class Limits:
     alignment_bytes: int = 1  # the input's byte size must be a multiple of this
     hidden_multiple: int = 1
     graph_capturable: bool = False
-    fused: bool = False
     needs_multicast: bool = False
 
     def world_size_refusal(self, world_size: int) -> str | None:
@@ -73,7 +96,7 @@ class Limits:
             return f"{rows} rows is below the minimum of {self.min_rows}"
         if self.max_rows is not None and rows > self.max_rows:
             return f"{rows} rows exceeds the maximum of {self.max_rows}"
-        nbytes = rows * hidden * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        nbytes = rows * hidden * ITEMSIZE[dtype]
         if nbytes % self.alignment_bytes:
             return f"{nbytes} bytes is not a multiple of {self.alignment_bytes}"
         if self.max_bytes is not None and nbytes > self.max_bytes:
@@ -82,7 +105,7 @@ class Limits:
 
     def largest_rows(self, hidden: int, dtype: str) -> int | None:
         """The largest row count accepted at this hidden size, or None when unbounded."""
-        itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        itemsize = ITEMSIZE[dtype]
         bounds = [self.max_rows] if self.max_rows is not None else []
         if self.max_bytes is not None:
             bounds.append(self.max_bytes // (hidden * itemsize))
@@ -100,16 +123,13 @@ class Limits:
 class Backend(abc.ABC):
     """One allreduce implementation, set up for (hidden, dtype, max_rows) on every rank.
 
-    Subclasses declare `name`, `backend_type`, `variants`, `limits()` and `probe()`, and
-    implement `setup()`, `_all_reduce()` and, when their limits say `fused`, `_fused()`.
-    Construction and `close()` are collective: every rank of the group calls them together.
+    Subclasses declare `name`, `variants`, `limits()` and `probe()`, and implement `setup()`,
+    `_all_reduce()`, `_fused()` for fused variants, and `release()` where set-up took
+    something. Construction and `close()` are collective: every rank calls them together.
     """
 
     name: ClassVar[str]
-    # The type a server config names for this backend, or None where no server can load it.
-    backend_type: ClassVar[str | None]
-    # Variant suffixes; "" means the backend has a single form named `name`.
-    variants: ClassVar[tuple[str, ...]] = ("",)
+    variants: ClassVar[tuple[VariantSpec, ...]]
     # Lower is simpler. Selection gives a statistical tie to the simpler backend.
     simplicity: ClassVar[int] = 50
 
@@ -118,6 +138,7 @@ class Backend(abc.ABC):
     ) -> None:
         self.ctx = ctx
         self.variant = variant
+        self.spec = self.variant_spec(variant)
         self.hidden = hidden
         self.dtype = dtype
         self.max_rows = max_rows
@@ -130,14 +151,12 @@ class Backend(abc.ABC):
     def variant_name(cls, variant: str) -> str:
         return f"{cls.name}_{variant}" if variant else cls.name
 
-    # Contract addition (GPU backends): a variant may map to a different server config type
-    # than its backend, e.g. flashinfer_fusion's FP8/FP4-output variants map to None because
-    # their output is quantized and cannot be the bf16/fp16 job output a server config selects.
-    # The engine should read a variant's type through this method, not `backend_type`.
     @classmethod
-    def variant_backend_type(cls, variant: str) -> str | None:
-        """The server config type of one variant (default: the backend's `backend_type`)."""
-        return cls.backend_type
+    def variant_spec(cls, variant: str) -> VariantSpec:
+        for spec in cls.variants:
+            if spec.suffix == variant:
+                return spec
+        raise KeyError(f"{cls.name} has no variant {variant!r}")
 
     @classmethod
     @abc.abstractmethod
@@ -186,10 +205,10 @@ class Backend(abc.ABC):
 
     def engaged(self) -> str:
         """The code path this instance really runs (shown in the evidence)."""
-        return self.full_name
+        return self.spec.summary or self.full_name
 
-    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
-        """Release what `setup()` took. Collective."""
+    def release(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """Free what `setup()` took. Called by `close()` once no peer touches it any more."""
 
     # ---- used by the engine ---------------------------------------------------------------
 
@@ -199,7 +218,17 @@ class Backend(abc.ABC):
 
     @property
     def fused(self) -> bool:
-        return self.limits_.fused
+        return self.spec.fused
+
+    def close(self) -> None:
+        """Collective: wait until this rank's kernels are done and every peer has arrived,
+        so no peer still reads or writes what is freed, then release."""
+        if self.ctx.is_cuda:
+            import torch
+
+            torch.cuda.synchronize(self.ctx.device)
+        self.ctx.barrier()
+        self.release()
 
     def check_input(self, inp: torch.Tensor) -> None:
         """Refuse, before any collective, an input outside the limits or the set-up size."""
@@ -234,9 +263,3 @@ class Backend(abc.ABC):
     ) -> None:
         self.check_input(inp)
         self._fused(inp, residual, weight, eps, out, residual_out)
-
-
-def iter_variants(cls: type[Backend]) -> Iterator[tuple[str, str]]:
-    """(full name, variant) for every variant of a backend class."""
-    for variant in cls.variants:
-        yield cls.variant_name(variant), variant

@@ -1,13 +1,16 @@
-"""What a rank knows about itself: handed to every rank function and every backend."""
+"""What a rank knows about itself: handed to every rank function and every backend.
+
+Imported while pytest starts (backends name it in their signatures), so torch is imported
+only where a rank uses it."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 # Environment switches that keep NVLink multicast off. On shared multi-GPU hosts a program
 # that creates a multicast object can take the host's GPUs out of service, so backends that
@@ -62,6 +65,8 @@ class RankContext:
         Uses one broadcast per rank rather than all_gather_object: gloo's all_gather fails
         under torch.inference_mode (pytorch#126032), and servers exchange handles this way.
         """
+        import torch.distributed as dist
+
         gathered: list[Any] = []
         for src in range(self.world_size):
             box = [obj if src == self.rank else None]
@@ -70,7 +75,11 @@ class RankContext:
         return gathered
 
     def barrier(self) -> None:
+        import torch.distributed as dist
+
         dist.barrier(group=self.cpu_group)
 
     def _global(self, group_rank: int) -> int:
+        import torch.distributed as dist
+
         return dist.get_global_rank(self.cpu_group, group_rank)

@@ -174,15 +174,12 @@ def collect(ctx: RankContext) -> dict[str, Any]:
     return fp
 
 
-def device_label(fingerprint: dict[str, Any]) -> str:
-    """The DEV part of artifact names: the GPU name with spaces as "_", "cpu" on the CPU.
-
-    Matches how the config consumer names its file (`get_device_name().replace(" ", "_")`).
-    A fingerprint without a usable name gives "unknown_device" rather than failing.
-    """
+def device_name(fingerprint: dict[str, Any]) -> str:
+    """The device name a fingerprint records: the GPU's name, "cpu" on the CPU, and
+    "unknown device" when the fingerprint has no usable name (never failing)."""
     if fingerprint.get("device_type") == "cpu":
         return "cpu"
     name = fingerprint.get("device_name")
     if not isinstance(name, str) or not name.strip() or name.startswith(UNAVAILABLE):
-        return "unknown_device"
-    return name.strip().replace(" ", "_")
+        return "unknown device"
+    return name.strip()

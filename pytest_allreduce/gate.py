@@ -33,11 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy.stats import mannwhitneyu
-
-from .artifacts import atomic_write, dumps_json
-from .fingerprint import device_label
+from . import stats
+from .artifacts.atomic import atomic_write, dumps_json
+from .config import device_label
+from .fingerprint import device_name
 from .model import JOBS
 from .results import ResultStore
 
@@ -47,8 +46,7 @@ BASELINE_VERSION = 1
 REGRESSION_THRESHOLD: float = 0.10
 # ...and more than this many microseconds above it (run-to-run drift of microsecond ops)...
 REGRESSION_FLOOR_US: float = 1.5
-# ...and the one-sided Mann-Whitney test (current slower) gives p below this.
-P_VALUE_MAX: float = 0.01
+# ...and the one-sided Mann-Whitney test (current slower) is significant (stats.P_VALUE_MAX).
 
 # (backend, world size, hidden, dtype, batch size, job)
 BaselineKey = tuple[str, int, int, str, int, str]
@@ -109,7 +107,7 @@ class GateReport:
             f"latency gate against {self.baseline}: {self.compared} key(s) compared, "
             f"{len(self.regressions)} regression(s) (rule: median more than "
             f"{REGRESSION_THRESHOLD:.0%} and {REGRESSION_FLOOR_US} us slower and one-sided "
-            f"Mann-Whitney p < {P_VALUE_MAX})"
+            f"Mann-Whitney p < {stats.P_VALUE_MAX})"
         )
         lines = [head]
         lines += [f"  REGRESSION {r.describe()}" for r in self.regressions]
@@ -120,7 +118,7 @@ class GateReport:
 def _current_device_name(store: ResultStore) -> str:
     if store.device == "cpu":
         return "cpu"
-    return device_label(store.machine) if store.machine else "unknown_device"
+    return device_label(device_name(store.machine))
 
 
 def _current_entries(store: ResultStore) -> dict[BaselineKey, list[float]]:
@@ -148,7 +146,7 @@ def save_baseline(store: ResultStore, path: str | os.PathLike[str]) -> Path:
         "entries": [
             {
                 **{name: value for (name, _), value in zip(_KEY_FIELDS, key, strict=True)},
-                "median_us": float(np.median(samples)),
+                "median_us": stats.median(samples),
                 "samples_us": samples,
             }
             for key, samples in sorted(entries.items())
@@ -259,15 +257,13 @@ def check_baseline(store: ResultStore, path: str | os.PathLike[str]) -> GateRepo
             report.notes.append(f"{_key_label(key)}: in the baseline, not measured now")
             continue
         now, then = current[key], baseline[key]
-        now_med, then_med = float(np.median(now)), float(np.median(then))
+        now_med, then_med = stats.median(now), stats.median(then)
         report.compared += 1
         change = now_med / then_med - 1.0 if then_med > 0 else 0.0
         if change <= REGRESSION_THRESHOLD or now_med - then_med <= REGRESSION_FLOOR_US:
             continue
-        p_value = float(mannwhitneyu(now, then, alternative="greater").pvalue)
-        if math.isnan(p_value):
-            p_value = 1.0
-        if p_value < P_VALUE_MAX:
+        p_value = stats.mann_whitney_p(now, then, "greater")
+        if stats.significant(p_value):
             report.regressions.append(Regression(key, then_med, now_med, change, p_value))
         else:
             report.notes.append(

@@ -95,17 +95,16 @@ class Latency:
 
     @property
     def median_us(self) -> float:
-        import numpy as np
+        from .stats import median
 
-        return float(np.median(self.samples_us))
+        return median(self.samples_us)
 
     @property
     def spread_us(self) -> tuple[float, float]:
         """The 10th and 90th percentiles of the samples."""
-        import numpy as np
+        from .stats import spread
 
-        low, high = np.percentile(self.samples_us, [10, 90])
-        return float(low), float(high)
+        return spread(self.samples_us)
 
     @property
     def algbw_gbps(self) -> float:
@@ -118,6 +117,16 @@ class Latency:
         figures are comparable across world sizes (nccl-tests' convention)."""
         n = self.case.target.world_size
         return self.algbw_gbps * 2 * (n - 1) / n
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """What results, selection and reports need of a variant's declaration (plain data)."""
+
+    name: str
+    server_type: str | None  # the config backend_type naming it; None: never written
+    fused: bool  # its fused job is one kernel
+    simplicity: int  # lower is simpler; ties go to the simpler
 
 
 @dataclass

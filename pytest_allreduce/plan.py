@@ -5,45 +5,50 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from itertools import product
+from pathlib import Path
 
-from .model import Case, Target
+from .model import Target
 from .options import Options
 from .registry import BackendRegistry, Variant
 
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+
 
 def visible_gpu_count() -> int:
-    """GPUs visible to this process, counted without initialising CUDA here.
+    """GPUs visible to this process, counted without importing torch or touching CUDA.
 
-    The pytest process must never hold a CUDA context (ranks own the GPUs), so NVML is asked
-    first; torch's count is the fallback (it queries the driver but creates no context).
+    The pytest process must never hold a CUDA context (ranks own the GPUs), and a session
+    that never runs an allreduce must not pay for importing torch, so the driver's own
+    listing is read: one directory per NVIDIA GPU, narrowed by CUDA_VISIBLE_DEVICES. Where
+    the driver has no such listing (ROCm, other platforms) torch is asked; its count
+    queries the driver without creating a context.
     """
-    import torch
-
-    if not torch.backends.cuda.is_built() and torch.version.hip is None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip():
         return 0
-    count_nvml = getattr(torch.cuda, "_device_count_nvml", None)
-    if count_nvml is not None:
-        try:
-            count = int(count_nvml())
-            if count >= 0:
-                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                if visible is not None:
-                    count = min(count, len([d for d in visible.split(",") if d.strip()]))
-                return count
-        except Exception:
-            pass
-    return torch.cuda.device_count()
+    if NVIDIA_GPUS.is_dir():
+        count = len(list(NVIDIA_GPUS.iterdir()))
+    elif Path("/dev/kfd").exists() or Path("/dev/nvidiactl").exists():
+        import torch
+
+        count = torch.cuda.device_count()
+    else:
+        return 0
+    if visible is not None:
+        count = min(count, len([d for d in visible.split(",") if d.strip()]))
+    return count
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, gpu_count: int) -> str:
     if requested != "auto":
         return requested
-    return "cuda" if visible_gpu_count() > 0 else "cpu"
+    return "cuda" if gpu_count > 0 else "cpu"
 
 
 @dataclass(frozen=True)
 class Plan:
     device: str
+    gpu_count: int
     variants: tuple[Variant, ...]
     world_sizes: tuple[int, ...]
     hidden_sizes: tuple[int, ...]
@@ -53,18 +58,16 @@ class Plan:
     @classmethod
     def build(cls, options: Options, registry: BackendRegistry) -> Plan:
         """Raises ValueError naming unknown backends."""
+        gpu_count = visible_gpu_count()
         return cls(
-            device=resolve_device(options.device),
+            device=resolve_device(options.device, gpu_count),
+            gpu_count=gpu_count,
             variants=tuple(registry.resolve(list(options.backends))),
             world_sizes=options.world_sizes,
             hidden_sizes=options.hidden_sizes,
             dtypes=options.dtypes,
             batch_sizes=options.batch_sizes,
         )
-
-    @property
-    def max_rows(self) -> int:
-        return max(self.batch_sizes)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -79,6 +82,3 @@ class Plan:
                 self.world_sizes, self.hidden_sizes, self.dtypes, self.variants
             )
         ]
-
-    def cases(self) -> list[Case]:
-        return [t.at(bs) for t in self.targets() for bs in self.batch_sizes]

@@ -1,22 +1,25 @@
-"""pytest-allreduce's pytest hooks, options and fixtures. The work happens in session.py."""
+"""pytest-allreduce's entry point: options, hooks and fixtures; the session object does the work.
+
+Loaded into every pytest run of an environment where the plugin is installed, so nothing
+here (or in what `pytest_configure` builds) imports torch: a project that never asks for an
+allreduce pays only for parsing options. torch is imported when a rank pool starts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import hookspecs
-from .model import Case, Target, Verdict
 from .options import add_options, parse_options
-from .plan import Plan
-from .registry import BackendRegistry
-from .session import AllreduceSession
 
-SESSION_KEY = pytest.StashKey[AllreduceSession]()
-# Suites run in this order within a world size: correctness before timing.
-SUITE_ORDER = {"numerics": 0, "graph": 1, "latency": 2}
+if TYPE_CHECKING:
+    from .model import Case, Job
+    from .session import AllreduceSession, CheckCall
+
+SESSION_KEY = pytest.StashKey["AllreduceSession"]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -29,12 +32,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    from .plan import Plan
+    from .registry import BackendRegistry
+    from .session import PLUGIN_NAME, AllreduceSession
+
     config.addinivalue_line(
-        "markers", "allreduce_suite(name): the suite a test belongs to (numerics, graph, latency)"
-    )
-    config.addinivalue_line(
-        "markers",
-        "allreduce_extra_batch_sizes(*rows): batch sizes this test checks besides the plan's",
+        "markers", "allreduce_suite(name): the suite a test belongs to (numerics, graph, ...)"
     )
     options = parse_options(config)
     registry = BackendRegistry()
@@ -46,62 +49,9 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         allowed = ", ".join(["all", *registry.allowed_names()])
         raise pytest.UsageError(f"--allreduce-backends: {exc}; allowed: {allowed}") from None
-    config.stash[SESSION_KEY] = AllreduceSession(options, plan, registry)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    session = config.stash.get(SESSION_KEY, None)
-    if session is not None:
-        session.close_pools()
-
-
-def _session(config: pytest.Config) -> AllreduceSession:
-    return config.stash[SESSION_KEY]
-
-
-# ---- parametrisation -------------------------------------------------------------------------
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    wanted = {"allreduce_case", "allreduce_target"} & set(metafunc.fixturenames)
-    if not wanted:
-        return
-    session = _session(metafunc.config)
-    # Targets that cannot run here for reasons known without asking a rank (another
-    # device, multicast off, world size) get no test items at all, rather than thousands
-    # of skips; the backend matrix in the summary lists each with its reason.
-    runnable = [t for t in session.plan.targets() if session.engine_availability(t).available]
-    if "allreduce_case" in metafunc.fixturenames:
-        extra = [
-            int(rows)
-            for mark in metafunc.definition.iter_markers("allreduce_extra_batch_sizes")
-            for rows in mark.args
-        ]
-        session.extra_rows.update(extra)
-        sizes = sorted({*session.plan.batch_sizes, *extra})
-        cases = [t.at(bs) for t in runnable for bs in sizes]
-        metafunc.parametrize("allreduce_case", cases, ids=[c.label for c in cases])
-    elif "allreduce_target" in metafunc.fixturenames:
-        metafunc.parametrize("allreduce_target", runnable, ids=[t.label for t in runnable])
-
-
-def _item_target(item: pytest.Item) -> Target | None:
-    params = getattr(item, "callspec", None)
-    if params is None:
-        return None
-    value = params.params.get("allreduce_case") or params.params.get("allreduce_target")
-    return value.target if isinstance(value, Case) else value
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Group by world size so each pool starts once, and check before timing.
-    def key(item: pytest.Item) -> tuple[int, int]:
-        target = _item_target(item)
-        mark = item.get_closest_marker("allreduce_suite")
-        suite = SUITE_ORDER.get(mark.args[0], 9) if mark else 9
-        return (target.world_size if target else 0, suite)
-
-    items.sort(key=key)
+    session = AllreduceSession(options, plan, registry)
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(session, PLUGIN_NAME)
 
 
 # ---- fixtures --------------------------------------------------------------------------------
@@ -109,69 +59,119 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def allreduce_session(pytestconfig: pytest.Config) -> AllreduceSession:
-    """The session object: plan, rank pools, result store."""
-    return _session(pytestconfig)
+    """The session object: plan, engine (rank pools), result store."""
+    return pytestconfig.stash[SESSION_KEY]
+
+
+class CheckRunner:
+    """A check of the table at one case, ready to run; failures fail the calling test."""
+
+    def __init__(self, session: AllreduceSession, call: CheckCall) -> None:
+        self.session = session
+        self.call = call
+
+    def run(self) -> None:
+        from .engine import CaseSkipped
+        from .pool import RankFailure
+
+        try:
+            outcome = self.session.engine.run_check(self.call.check, self.call.case)
+        except CaseSkipped as skipped:
+            pytest.skip(str(skipped))
+        except RankFailure as failure:
+            report = str(failure)
+        else:
+            if outcome.passed:
+                return
+            report = outcome.describe()
+        # Outside the except block, so the report is shown once, not once more as the
+        # exception "during handling" of which the failure was raised.
+        pytest.fail(report, pytrace=False)
+
+
+def _require(session: AllreduceSession, case: Case) -> None:
+    """Skip when the case cannot run here; fail when asking the ranks failed."""
+    from .engine import CaseSkipped
+    from .pool import RankFailure
+
+    try:
+        session.engine.require(case)
+        return
+    except CaseSkipped as skipped:
+        pytest.skip(str(skipped))
+    except RankFailure as failure:
+        report = str(failure)
+    pytest.fail(report, pytrace=False)
+
+
+@pytest.fixture
+def allreduce_check(
+    allreduce_session: AllreduceSession, request: pytest.FixtureRequest
+) -> CheckRunner:
+    """A check of the table at one case (parametrised by the session from the suite's
+    marker); skips with the reason when the case cannot run here."""
+    runner = CheckRunner(allreduce_session, request.param)
+    _require(allreduce_session, runner.call.case)
+    return runner
+
+
+class RankRunner:
+    """Runs your own rank functions on the session's persistent process groups.
+
+    `run(world_size, fn, *args)` calls fn(ctx, *args) on every rank of the pool of that size
+    (started on first use, reused by every later test) and returns every rank's result in
+    rank order; when any rank raises, dies or hangs, the calling test fails with every
+    rank's report, and a broken pool is replaced before the next call.
+    """
+
+    def __init__(self, session: AllreduceSession) -> None:
+        self.session = session
+
+    def run(self, world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        from .pool import RankFailure
+
+        try:
+            return self.session.engine.call(world_size, fn, *args)
+        except RankFailure as failure:
+            report = str(failure)
+        pytest.fail(report, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def allreduce_ranks(allreduce_session: AllreduceSession) -> RankRunner:
+    """Run rank functions on torchrun-style process groups: `allreduce_ranks.run(2, fn)`."""
+    return RankRunner(allreduce_session)
 
 
 class CaseRunner:
-    """Runs rank functions for one case on its world size's pool."""
+    """One case (a backend variant at one shape), set up; runs rank functions with it and
+    measures its latency."""
 
     def __init__(self, session: AllreduceSession, case: Case) -> None:
         self.session = session
         self.case = case
-        self.work = session.require(case)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        return self.session.run(self.case.target.world_size, fn, self.work, *args)
+        """fn(ctx, work, *args) on every rank, `work` naming this case's set-up backend
+        (`pytest_allreduce.jobs.backend_for(ctx, work)` gives the instance)."""
+        work = self.session.engine.work(self.case.target)
+        return RankRunner(self.session).run(self.case.target.world_size, fn, work, *args)
+
+    def measure(self, job: Job) -> list[float]:
+        from .pool import RankFailure
+
+        try:
+            latency = self.session.engine.measure(self.case, job, self.session.timing_plan)
+        except RankFailure as failure:
+            report = str(failure)
+        else:
+            self.session.record_latency(latency)
+            return latency.samples_us
+        pytest.fail(report, pytrace=False)
 
 
 @pytest.fixture
 def allreduce(allreduce_session: AllreduceSession, allreduce_case: Case) -> CaseRunner:
     """The case under test, set up: skips with the reason when it cannot run here."""
+    _require(allreduce_session, allreduce_case)
     return CaseRunner(allreduce_session, allreduce_case)
-
-
-# ---- verdicts and the summary ----------------------------------------------------------------
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    mark = item.get_closest_marker("allreduce_suite")
-    params = getattr(item, "callspec", None)
-    case = params.params.get("allreduce_case") if params else None
-    decisive = report.when == "call" or (report.when == "setup" and not report.passed)
-    if mark and isinstance(case, Case) and decisive:
-        detail = report.longreprtext[-2000:] if report.failed else ""
-        if report.skipped and isinstance(report.longrepr, tuple):
-            detail = str(report.longrepr[2])
-        verdict = Verdict(mark.args[0], report.outcome, detail, item.nodeid)  # type: ignore[arg-type]
-        _session(item.config).record_verdict(case, verdict)
-    return report
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    allreduce = session.config.stash.get(SESSION_KEY, None)
-    if allreduce is None:
-        return
-    try:
-        report = allreduce.finish()
-    except Exception as exc:  # artifacts failing must fail the run, loudly
-        allreduce.report.errors.append(f"{type(exc).__name__}: {exc}")
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-        raise
-    if report.gate_failures and session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    allreduce = config.stash.get(SESSION_KEY, None)
-    if allreduce is None or not allreduce.store.availability:
-        return
-    from .summary import summary_lines
-
-    terminalreporter.section("allreduce")
-    for line in summary_lines(allreduce):
-        terminalreporter.write_line(line)

@@ -6,12 +6,13 @@ import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from .backend import Backend, iter_variants
+from .backend import Backend, Limits, VariantSpec
+from .model import VariantInfo
 
 ENTRY_POINT_GROUP = "pytest_allreduce.backends"
 
-# One line per built-in backend, "module:class". Modules import without their GPU libraries:
-# those are imported by probe() and setup() only.
+# One line per built-in backend, "module:class". Modules import without torch or their GPU
+# libraries (pytest reads them at start-up): those are imported by probe() and setup() only.
 BUILTIN_BACKENDS: tuple[str, ...] = (
     "pytest_allreduce.backends.gloo:GlooBackend",
     "pytest_allreduce.backends.cpu_shm:CpuShmBackend",
@@ -30,14 +31,37 @@ BUILTIN_BACKENDS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class Variant:
-    """A selectable backend variant: its class and variant suffix."""
+    """A selectable backend variant: its class and its one declaration."""
 
     cls: type[Backend]
-    variant: str
+    spec: VariantSpec
+
+    @property
+    def variant(self) -> str:
+        return self.spec.suffix
 
     @property
     def name(self) -> str:
-        return self.cls.variant_name(self.variant)
+        return self.cls.variant_name(self.spec.suffix)
+
+    @property
+    def server_type(self) -> str | None:
+        return self.spec.server_type
+
+    @property
+    def fused(self) -> bool:
+        return self.spec.fused
+
+    @property
+    def simplicity(self) -> int:
+        return self.cls.simplicity
+
+    def limits(self, world_size: int) -> Limits:
+        return self.cls.limits(self.spec.suffix, world_size)
+
+    @property
+    def info(self) -> VariantInfo:
+        return VariantInfo(self.name, self.server_type, self.fused, self.simplicity)
 
 
 class BackendRegistry:
@@ -52,6 +76,19 @@ class BackendRegistry:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name.isidentifier():
             raise TypeError(f"{cls.__qualname__}.name must be an identifier, got {name!r}")
+        specs = getattr(cls, "variants", None)
+        if (
+            not isinstance(specs, tuple)
+            or not specs
+            or not all(isinstance(s, VariantSpec) for s in specs)
+        ):
+            raise TypeError(
+                f"{cls.__qualname__}.variants must be a non-empty tuple of VariantSpec, "
+                f"got {specs!r}"
+            )
+        suffixes = [s.suffix for s in specs]
+        if len(set(suffixes)) != len(suffixes):
+            raise TypeError(f"{cls.__qualname__}.variants repeats a suffix: {suffixes}")
         known = self._classes.get(name)
         if known is not None and known is not cls:
             raise ValueError(
@@ -70,13 +107,17 @@ class BackendRegistry:
             self.register(ep.load())
 
     def variants(self) -> list[Variant]:
-        return [Variant(cls, v) for cls in self._classes.values() for _, v in iter_variants(cls)]
+        return [Variant(cls, spec) for cls in self._classes.values() for spec in cls.variants]
 
     def allowed_names(self) -> list[str]:
         """Every name a user may type: backend names and full variant names."""
         names = set(self._classes)
         names.update(v.name for v in self.variants())
         return sorted(names)
+
+    def variant(self, name: str) -> Variant | None:
+        """The variant with this full name, or None."""
+        return next((v for v in self.variants() if v.name == name), None)
 
     def resolve(self, requested: list[str]) -> list[Variant]:
         """The variants named by `requested` ("all", backend names or variant names).

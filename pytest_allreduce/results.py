@@ -6,11 +6,20 @@ artifacts and the baseline gate read from it at session end.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from typing import Any
 
-from .model import GATING_SUITES, Availability, Case, GroupKey, Job, Latency, Target, Verdict
+from .model import (
+    GATING_SUITES,
+    Availability,
+    Case,
+    GroupKey,
+    Job,
+    Latency,
+    Target,
+    VariantInfo,
+    Verdict,
+)
 
 
 class ResultStore:
@@ -19,13 +28,22 @@ class ResultStore:
         self.availability: dict[tuple[str, int], Availability] = {}
         self.verdicts: dict[Case, dict[str, list[Verdict]]] = defaultdict(lambda: defaultdict(list))
         self.latencies: dict[tuple[Case, Job], Latency] = {}
-        self.backend_types: dict[str, str | None] = {}  # full variant name -> config type
-        self.fused_backends: set[str] = set()  # variants whose "fused" job is a fused kernel
-        self.simplicity: dict[str, int] = {}  # full variant name -> simplicity rank
+        self.variants: dict[str, VariantInfo] = {}  # full variant name -> its declaration
         self.machine: dict[str, Any] = {}
         self.suites_run: set[str] = set()
 
     # ---- writing -----------------------------------------------------------------------------
+
+    def declare(self, info: VariantInfo) -> None:
+        self.variants[info.name] = info
+
+    def server_type(self, name: str) -> str | None:
+        info = self.variants.get(name)
+        return info.server_type if info else None
+
+    def fused(self, name: str) -> bool:
+        info = self.variants.get(name)
+        return bool(info and info.fused)
 
     def record_availability(self, availability: Availability) -> None:
         self.availability[(availability.backend, availability.world_size)] = availability
@@ -90,40 +108,3 @@ class ResultStore:
 
     def cases(self, key: GroupKey, batch_size: int) -> list[Case]:
         return [t.at(batch_size) for t in self.targets() if t.group_key == key]
-
-    def to_json(self) -> dict[str, Any]:
-        """Everything, as plain JSON-ready data (the evidence file embeds this)."""
-        verdicts = []
-        for case, suites in sorted(self.verdicts.items()):
-            for _suite, items in sorted(suites.items()):
-                for v in items:
-                    verdicts.append({"case": _case_json(case), **dataclasses.asdict(v)})
-        return {
-            "device": self.device,
-            "machine": self.machine,
-            "availability": [dataclasses.asdict(a) for a in self.availability.values()],
-            "verdicts": verdicts,
-            "latencies": [
-                {
-                    "case": _case_json(lat.case),
-                    "job": lat.job,
-                    "median_us": lat.median_us,
-                    "p10_us": lat.spread_us[0],
-                    "p90_us": lat.spread_us[1],
-                    "algbw_gbps": lat.algbw_gbps,
-                    "busbw_gbps": lat.busbw_gbps,
-                    "samples_us": lat.samples_us,
-                    "ops_per_sample": lat.ops_per_sample,
-                    "clock": lat.clock,
-                    "message_bytes": lat.message_bytes,
-                    "engaged": lat.engaged,
-                }
-                for (_, _), lat in sorted(
-                    self.latencies.items(), key=lambda kv: (kv[0][0], kv[0][1])
-                )
-            ],
-        }
-
-
-def _case_json(case: Case) -> dict[str, Any]:
-    return {**dataclasses.asdict(case.target), "batch_size": case.batch_size}

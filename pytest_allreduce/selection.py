@@ -8,20 +8,20 @@ unless another backend is faster beyond measurement noise.
 Candidates at a batch size are the backends that
 
 - passed every required gating suite at that exact shape (`ResultStore.eligible`),
-- have a config type the server can load (`GPU_CONFIG_TYPES` on CUDA, `CPU_CONFIG_TYPES` on
-  the CPU; a type of None never qualifies), and
+- have a declared server type the server can load (`GPU_CONFIG_TYPES` on CUDA,
+  `CPU_CONFIG_TYPES` on the CPU; a variant declared without one never qualifies), and
 - have latency samples for the "fused" job (allreduce + residual add + RMSNorm), which is
   the work the server actually does at that point of the model.
 
 The rule, applied at each batch size:
 
 1. The default is the simplest candidate whose type is the standard one ("nccl" on CUDA,
-   "gloo" on the CPU); simplicity comes from `ResultStore.simplicity` (lower is simpler,
+   "gloo" on the CPU); simplicity comes from the variant's declaration (lower is simpler,
    ties broken by name). If no standard candidate exists (it failed a suite, or is
    unavailable), the simplest remaining candidate is the default.
 2. A challenger *beats* a reference when both hold:
    - a one-sided Mann-Whitney U test (challenger samples less than reference samples) gives
-     p < `P_VALUE_MAX` (0.01), and
+     p < `stats.P_VALUE_MAX` (0.01), and
    - the challenger's median is at least `MIN_GAIN` (3%) below the reference's median.
    The test says the difference is not noise; the gain threshold says it is worth a switch.
 3. If no challenger beats the default, the default wins.
@@ -32,42 +32,49 @@ The rule, applied at each batch size:
 
 Every `Choice` carries the evidence: every candidate's median, the p-values and gains of the
 comparisons made, who was beaten and who tied.
+
+Bisection lives here too: where the winner changes between two measured sizes, the session
+measures the sizes `bisection_points` names until every crossover lies between keys no more
+than `BISECTION_RESOLUTION` apart, so a server's nearest-key lookup switches backends where
+the measurements did.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from scipy.stats import mannwhitneyu
-
+from . import stats
 from .backend import CPU_CONFIG_TYPES, GPU_CONFIG_TYPES
 from .config import FUSED_CONFIG_TYPE, AllreduceConfig, ConfigEntry
 from .model import Case, GroupKey, Job
 from .results import ResultStore
 
-# A challenger must be faster with one-sided Mann-Whitney p below this...
-P_VALUE_MAX: float = 0.01
-# ...and its median must be at least this fraction below the reference's median.
+# A challenger must be faster beyond noise (stats.significant) and its median at least this
+# fraction below the reference's median.
 MIN_GAIN: float = 0.03
+# Bisection stops after this many rounds per config even if crossovers remain wider...
+MAX_BISECTION_ROUNDS = 6
+# ... and does not split a crossover interval narrower than this fraction of its lower end
+# (at least 2 rows): a server's nearest-key lookup gains nothing from finer keys, and on
+# noisy machines finer splits only chase noise.
+BISECTION_RESOLUTION = 1 / 16
 # The job candidates compete on: the server's allreduce + residual add + RMSNorm.
 SELECTION_JOB: Job = "fused"
 # The config type of the always-available standard path, per device.
 STANDARD_TYPE: dict[str, str] = {"cuda": "nccl", "cpu": "gloo"}
 
 
-def fusion_flag(name: str, backend_type: str, fused_backends: set[str]) -> bool:
+def fusion_flag(fused: bool, backend_type: str) -> bool:
     """The config's `use_residual_rmsnorm_fusion` for a winner.
 
     True when the variant's fused job is a fused kernel; but the server only knows how to
     fuse through `FUSED_CONFIG_TYPE`, and the config validator refuses the flag on any other
     type, so a fused kernel of another type is written with the flag off.
     """
-    return name in fused_backends and backend_type == FUSED_CONFIG_TYPE
+    return fused and backend_type == FUSED_CONFIG_TYPE
 
 
 def loadable_types(device: str) -> frozenset[str]:
@@ -114,17 +121,10 @@ def compare_samples(
 
     A p-value that cannot be computed (empty or all-tied samples) counts as 1: no evidence.
     """
-    c = np.asarray(challenger, dtype=float)
-    r = np.asarray(reference, dtype=float)
-    if c.size == 0 or r.size == 0:
-        raise ValueError("both sample sets must be non-empty")
-    c_med = float(np.median(c))
-    r_med = float(np.median(r))
-    p_value = float(mannwhitneyu(c, r, alternative="less").pvalue)
-    if math.isnan(p_value):
-        p_value = 1.0
+    p_value = stats.mann_whitney_p(challenger, reference, "less")
+    c_med, r_med = stats.median(challenger), stats.median(reference)
     gain = 1.0 - c_med / r_med if r_med > 0 else 0.0
-    beats = p_value < P_VALUE_MAX and gain >= MIN_GAIN
+    beats = stats.significant(p_value) and gain >= MIN_GAIN
     return Comparison(challenger_name, reference_name, c_med, r_med, p_value, gain, beats)
 
 
@@ -134,12 +134,13 @@ class Candidate:
 
     name: str
     backend_type: str
+    fused: bool
     simplicity: int
     samples_us: tuple[float, ...]
 
     @property
     def median_us(self) -> float:
-        return float(np.median(self.samples_us))
+        return stats.median(self.samples_us)
 
     @property
     def order(self) -> tuple[int, str]:
@@ -224,7 +225,7 @@ class Selection:
             "rule": {
                 "job": SELECTION_JOB,
                 "test": "one-sided Mann-Whitney U (challenger less than reference)",
-                "p_value_max": P_VALUE_MAX,
+                "p_value_max": stats.P_VALUE_MAX,
                 "min_gain": MIN_GAIN,
                 "standard_type": standard_type(self.device),
             },
@@ -242,7 +243,7 @@ def _exclusion(store: ResultStore, case: Case, loadable: frozenset[str]) -> str 
     availability = store.availability.get((name, case.target.world_size))
     if availability is not None and not availability.available:
         return f"unavailable: {availability.reason or 'no reason given'}"
-    btype = store.backend_types.get(name)
+    btype = store.server_type(name)
     if btype is None or btype not in loadable:
         return f"config type {btype!r} cannot be loaded by the server on {store.device}"
     if case not in store.verdicts and store.latency(case, SELECTION_JOB) is None:
@@ -257,7 +258,7 @@ def _exclusion(store: ResultStore, case: Case, loadable: frozenset[str]) -> str 
     return None
 
 
-def _pick(batch_size: int, candidates: list[Candidate], device: str, fused: set[str]) -> Choice:
+def _pick(batch_size: int, candidates: list[Candidate], device: str) -> Choice:
     """Apply the rule to the candidates at one batch size (non-empty)."""
     candidates = sorted(candidates, key=lambda c: c.order)
     std = standard_type(device)
@@ -285,7 +286,7 @@ def _pick(batch_size: int, candidates: list[Candidate], device: str, fused: set[
             batch_size=batch_size,
             backend_name=winner.name,
             backend_type=winner.backend_type,
-            use_residual_rmsnorm_fusion=fusion_flag(winner.name, winner.backend_type, fused),
+            use_residual_rmsnorm_fusion=fusion_flag(winner.fused, winner.backend_type),
             median_us=winner.median_us,
             reason=reason,
             default=default.name,
@@ -359,17 +360,19 @@ def select(
                 continue
             latency = store.latency(case, SELECTION_JOB)
             assert latency is not None  # _exclusion checked it
+            info = store.variants[case.target.backend]
             candidates.append(
                 Candidate(
-                    name=case.target.backend,
-                    backend_type=store.backend_types[case.target.backend] or "",
-                    simplicity=store.simplicity.get(case.target.backend, 50),
+                    name=info.name,
+                    backend_type=info.server_type or "",
+                    fused=info.fused,
+                    simplicity=info.simplicity,
                     samples_us=tuple(float(s) for s in latency.samples_us),
                 )
             )
         selection.excluded[bs] = excluded
         if candidates:
-            selection.choices[bs] = _pick(bs, candidates, store.device, store.fused_backends)
+            selection.choices[bs] = _pick(bs, candidates, store.device)
             continue
         if missing:
             why = f"gating suite(s) {', '.join(missing)} did not run this session"
@@ -379,11 +382,6 @@ def select(
             why = "no backend was measured at this size"
         selection.no_winner[bs] = why
     return selection
-
-
-def select_all(store: ResultStore) -> dict[GroupKey, Selection]:
-    """A Selection for every GroupKey in the store."""
-    return {key: select(store, key) for key in store.group_keys()}
 
 
 def bisection_points(selection: Selection) -> list[int]:
@@ -400,3 +398,34 @@ def bisection_points(selection: Selection) -> list[int]:
         if hi - lo > 1 and selection.winner(lo) != selection.winner(hi):
             points.append((lo + hi) // 2)
     return points
+
+
+def worth_splitting(measured: Iterable[int], point: int) -> bool:
+    """Whether `point` splits a crossover interval still wider than the resolution."""
+    measured = set(measured)
+    if point in measured:
+        return False
+    lower = max((m for m in measured if m < point), default=point)
+    upper = min((m for m in measured if m > point), default=point)
+    return upper - lower > max(2, int(lower * BISECTION_RESOLUTION))
+
+
+def select_with_bisection(
+    store: ResultStore,
+    key: GroupKey,
+    measure_size: Callable[[int], None],
+    agree: Callable[[list[int]], list[int]] = lambda points: points,
+) -> Selection:
+    """Select, then measure the sizes bisection asks for and select again, until every
+    crossover is resolved or the rounds run out. `measure_size(rows)` runs every check and
+    timing at `rows`; `agree` makes all ranks of a torchrun job measure the same sizes."""
+    chosen = select(store, key)
+    for _ in range(MAX_BISECTION_ROUNDS):
+        measured = store.batch_sizes(key)
+        points = agree([p for p in bisection_points(chosen) if worth_splitting(measured, p)])
+        if not points:
+            break
+        for rows in points:
+            measure_size(rows)
+        chosen = select(store, key)
+    return chosen

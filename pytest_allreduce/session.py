@@ -1,50 +1,48 @@
-"""AllreduceSession: owns one pytest session's plan, rank pools, results and artifacts."""
+"""AllreduceSession: the plugin object that owns one pytest session's allreduce work.
+
+Registered with pytest's plugin manager at configure time (as pytest's junitxml, xdist's
+DSession and pytest-benchmark's session are), it parametrises the suites from the plan and
+the check table, orders the items, records every verdict from the test reports, and at
+session end selects, bisects, writes the artifacts and gates. The rank pools and the rank
+functions are the engine's (`engine.Engine`).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import checks, fingerprint, timing
-from .context import multicast_disabled_by
-from .jobs import Work, vote_availability
-from .model import JOBS, Availability, Case, GroupKey, Job, Latency, Target, Verdict
-from .options import Options
-from .plan import Plan, visible_gpu_count
-from .pool import Executor, InProcessGroup, RankFailure, RankPool
-from .registry import BackendRegistry, Variant
+from .checktable import CHECKS, Check, checks_at_each_size, checks_of, suite_rank
+from .engine import CaseSkipped, Engine
+from .model import JOBS, Case, GroupKey, Latency, Target, Verdict
 from .results import ResultStore
 
-# Rows the numerics suite always checks besides the plan's: awkward sizes that vectorised
-# kernels get wrong first (a single row, an odd count, one below a power of two).
-AWKWARD_ROWS: tuple[int, ...] = (1, 3, 127)
-# Replays per graph in the graph suite (peers.md: hangs show up only over many replays).
-GRAPH_REPLAYS = 1000
-# Bisection stops after this many rounds per config even if crossovers remain wider.
-MAX_BISECTION_ROUNDS = 6
-# ... and does not split a crossover interval narrower than this fraction of its lower end
-# (at least 2 rows): a server's nearest-key lookup gains nothing from finer keys, and on
-# noisy machines finer splits only chase noise.
-BISECTION_RESOLUTION = 1 / 16
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    from .options import Options
+    from .plan import Plan
+    from .registry import BackendRegistry
+    from .selection import Selection
+    from .timing import TimingPlan
+
+PLUGIN_NAME = "allreduce-session"
 
 
-def worth_splitting(measured: list[int], point: int) -> bool:
-    """Whether `point` splits a crossover interval still wider than the resolution."""
-    if point in measured:
-        return False
-    lower = max((m for m in measured if m < point), default=point)
-    upper = min((m for m in measured if m > point), default=point)
-    return upper - lower > max(2, int(lower * BISECTION_RESOLUTION))
+@dataclass(frozen=True)
+class CheckCall:
+    """One parametrisation of a suite test: a check of the table at one case."""
 
+    check: Check
+    case: Case
 
-def under_torchrun() -> bool:
-    """pytest itself was started by torchrun (or another launcher setting RANK/WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    @property
+    def label(self) -> str:
+        return f"{self.check.name}-{self.case.label}"
 
 
 @dataclass
@@ -63,184 +61,127 @@ class AllreduceSession:
         self.plan = plan
         self.registry = registry
         self.store = ResultStore(plan.device)
-        self.torchrun = under_torchrun()
-        self.extra_rows: set[int] = set(AWKWARD_ROWS)
-        self.timing_plan = timing.TimingPlan.for_device(plan.device)
+        self.engine = Engine(options, plan, self.store)
         self.report = SessionReport()
-        self.pool_starts = 0
-        self._executors: dict[int, Executor] = {}
-        self._gpu_count: int | None = None
+        self._timing_plan: TimingPlan | None = None
         for variant in plan.variants:
-            limits = variant.cls.limits(variant.variant, max(plan.world_sizes))
-            self.store.backend_types[variant.name] = variant.cls.variant_backend_type(
-                variant.variant
-            )
-            self.store.simplicity[variant.name] = variant.cls.simplicity
-            if limits.fused:
-                self.store.fused_backends.add(variant.name)
+            self.store.declare(variant.info)
         self._planned_targets = set(plan.targets())
 
-    # ---- who writes ----------------------------------------------------------------------
+    @property
+    def torchrun(self) -> bool:
+        return self.engine.torchrun
 
     @property
     def is_writer(self) -> bool:
         """Only one process writes artifacts: rank 0 under torchrun, else this one."""
         return not self.torchrun or int(os.environ["RANK"]) == 0
 
-    # ---- executors -----------------------------------------------------------------------
+    @property
+    def timing_plan(self) -> TimingPlan:
+        if self._timing_plan is None:
+            from .timing import TimingPlan
 
-    def gpu_count(self) -> int:
-        if self._gpu_count is None:
-            self._gpu_count = visible_gpu_count() if self.plan.device == "cuda" else 0
-        return self._gpu_count
+            self._timing_plan = TimingPlan.for_device(self.plan.device)
+        return self._timing_plan
 
-    def cannot_start(self, world_size: int) -> str | None:
-        """Why no process group of this size can exist here, or None."""
-        if self.torchrun:
-            job_size = int(os.environ["WORLD_SIZE"])
-            if world_size != job_size:
-                return f"world size {world_size} differs from this torchrun job's {job_size}"
-            return None
-        if self.plan.device == "cuda" and world_size > self.gpu_count():
-            return f"world size {world_size} needs {world_size} GPUs; {self.gpu_count()} visible"
-        return None
+    # ---- collection ----------------------------------------------------------------------
 
-    def executor(self, world_size: int) -> Executor:
-        current = self._executors.get(world_size)
-        if current is not None and not current.broken:
-            return current
-        self._executors.pop(world_size, None)
-        if self.torchrun:
-            current = InProcessGroup(self.plan.device, self.options.timeout_s)
-        else:
-            # One pool at a time: pools of several sizes would share the same GPUs.
-            self.close_pools()
-            current = RankPool(world_size, self.plan.device, self.options.timeout_s).start()
-            self.pool_starts += 1
-        self._executors[world_size] = current
-        if not self.store.machine:
-            self.store.machine = current.run(fingerprint.collect)[0]
-        return current
+    def runnable_targets(self) -> list[Target]:
+        """Targets that can run here as far as is known without asking a rank (another
+        device, multicast off, world size): the others get no test items at all, rather
+        than thousands of skips; the backend matrix lists each with its reason."""
+        return [t for t in self.plan.targets() if self.engine.known_availability(t).available]
 
-    def call(self, world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """fn(ctx, *args) on every rank; RankFailure when any rank fails (a broken pool is
-        dropped here, so the next call starts a fresh one)."""
-        executor = self.executor(world_size)
-        try:
-            return executor.run(fn, *args)
-        except RankFailure:
-            if executor.broken:
-                self._executors.pop(world_size, None)
-            raise
+    def check_calls(self, suite: str) -> list[CheckCall]:
+        calls = []
+        for check in checks_of(suite):
+            for target in self.runnable_targets():
+                if check.sizes == "limits":
+                    limits = self.plan.variant(target.backend).limits(target.world_size)
+                    largest = limits.largest_rows(target.hidden, target.dtype)
+                    if largest is None and limits.min_rows <= 1:
+                        continue  # nothing to step around
+                    calls.append(CheckCall(check, target.at(largest or limits.min_rows)))
+                    continue
+                sizes = sorted({*self.plan.batch_sizes, *check.extra_rows})
+                calls += [CheckCall(check, target.at(rows)) for rows in sizes]
+        return calls
 
-    def run(self, world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """`call` for tests: a rank failure fails the test with every rank's report."""
-        try:
-            return self.call(world_size, fn, *args)
-        except RankFailure as failure:
-            report = str(failure)
-        # Outside the except block, so the report is shown once, not once more as the
-        # exception "during handling" of which the failure was raised.
-        pytest.fail(report, pytrace=False)
-
-    def close_pools(self) -> None:
-        for world_size, executor in list(self._executors.items()):
-            try:
-                executor.close()
-            finally:
-                del self._executors[world_size]
-
-    # ---- availability and work -----------------------------------------------------------
-
-    def availability(self, variant: Variant, world_size: int) -> Availability:
-        key = (variant.name, world_size)
-        known = self.store.availability.get(key)
-        if known is not None:
-            return known
-        limits = variant.cls.limits(variant.variant, world_size)
-        reason = self._engine_refusal(variant, world_size)
-        if reason is None:
-            answers = self.run(world_size, vote_availability, variant)[0]
-            reason = "; ".join(f"rank {r}: {a}" for r, a in enumerate(answers) if a) or None
-        result = Availability(
-            variant.name, world_size, reason is None, reason or "", limits.as_dict()
-        )
-        self.store.record_availability(result)
-        return result
-
-    def engine_availability(self, target: Target) -> Availability:
-        """Availability as far as it is known without asking any rank; an engine refusal
-        is recorded at once, so the matrix lists it even though no test of it runs."""
-        known = self.store.availability.get((target.backend, target.world_size))
-        if known is not None:
-            return known
-        variant = self.plan.variant(target.backend)
-        reason = self._engine_refusal(variant, target.world_size)
-        if reason is None:
-            return Availability(variant.name, target.world_size, True)
-        limits = variant.cls.limits(variant.variant, target.world_size)
-        refused = Availability(variant.name, target.world_size, False, reason, limits.as_dict())
-        self.store.record_availability(refused)
-        return refused
-
-    def _engine_refusal(self, variant: Variant, world_size: int) -> str | None:
-        """Reasons decided here, before any rank is asked (so multicast is never tried)."""
-        limits = variant.cls.limits(variant.variant, world_size)
-        if limits.device != self.plan.device:
-            return f"a {limits.device} backend; this session runs on {self.plan.device}"
-        if limits.needs_multicast and (switches := multicast_disabled_by()):
-            return f"needs NVLink multicast, which is off here ({', '.join(switches)})"
-        if reason := limits.world_size_refusal(world_size):
-            return reason
-        return self.cannot_start(world_size)
-
-    def work(self, target: Target) -> Work:
-        variant = self.plan.variant(target.backend)
-        limits = variant.cls.limits(variant.variant, target.world_size)
-        needed = max([*self.plan.batch_sizes, *self.extra_rows])
-        largest = limits.largest_rows(target.hidden, target.dtype)
-        # A bounded backend is set up for its whole range, so the limit checks reuse it.
-        rows = largest if largest is not None else needed
-        return Work(variant, target, max(rows, 1))
-
-    def require(self, case: Case) -> Work:
-        """The work for a case, or a skip saying why this case cannot run."""
-        target = case.target
-        variant = self.plan.variant(target.backend)
-        availability = self.availability(variant, target.world_size)
-        if not availability.available:
-            pytest.skip(
-                f"{target.backend} unavailable at world size {target.world_size}: "
-                f"{availability.reason}"
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        if "allreduce_check" in metafunc.fixturenames:
+            mark = metafunc.definition.get_closest_marker("allreduce_suite")
+            if mark is None:
+                raise pytest.UsageError(
+                    f"{metafunc.definition.nodeid} uses allreduce_check without an "
+                    "allreduce_suite(name) marker"
+                )
+            calls = self.check_calls(mark.args[0])
+            metafunc.parametrize(
+                "allreduce_check", calls, indirect=True, ids=[c.label for c in calls]
             )
-        limits = variant.cls.limits(variant.variant, target.world_size)
-        refusal = limits.shape_refusal(
-            case.batch_size, target.hidden, target.dtype, target.world_size
-        )
-        if refusal:
-            pytest.skip(f"outside {target.backend}'s limits: {refusal}")
-        return self.work(target)
+        elif "allreduce_case" in metafunc.fixturenames:
+            cases = [t.at(bs) for t in self.runnable_targets() for bs in self.plan.batch_sizes]
+            metafunc.parametrize("allreduce_case", cases, ids=[c.label for c in cases])
 
-    # ---- recording -----------------------------------------------------------------------
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # Group by world size so each pool starts once, and check before timing.
+        def key(item: pytest.Item) -> tuple[int, int]:
+            case = _item_case(item)
+            mark = item.get_closest_marker("allreduce_suite")
+            suite = suite_rank(mark.args[0]) if mark else len(CHECKS)
+            return (case.target.world_size if case else 0, suite)
+
+        items.sort(key=key)
+
+    # ---- verdicts ------------------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        case = _item_case(item)
+        suite = _item_suite(item)
+        decisive = report.when == "call" or (report.when == "setup" and not report.passed)
+        if case is not None and suite is not None and decisive:
+            detail = report.longreprtext[-2000:] if report.failed else ""
+            if report.skipped and isinstance(report.longrepr, tuple):
+                detail = str(report.longrepr[2])
+            verdict = Verdict(suite, report.outcome, detail, item.nodeid)  # type: ignore[arg-type]
+            self.record_verdict(case, verdict)
+        return report
 
     def record_verdict(self, case: Case, verdict: Verdict) -> None:
         if case.target in self._planned_targets:
             self.store.record_verdict(case, verdict)
 
-    def record_timing(self, case: Case, job: Job, result: timing.TimingResult) -> Latency:
-        latency = Latency(
-            case=case,
-            job=job,
-            samples_us=result.samples_us,
-            ops_per_sample=result.ops_per_sample,
-            clock=result.clock,  # type: ignore[arg-type]
-            message_bytes=result.message_bytes,
-            engaged=result.engaged,
-        )
+    def record_latency(self, latency: Latency) -> None:
         self.store.record_latency(latency)
-        return latency
 
     # ---- session end ---------------------------------------------------------------------
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        try:
+            report = self.finish()
+        except Exception as exc:  # artifacts failing must fail the run, loudly
+            self.report.errors.append(f"{type(exc).__name__}: {exc}")
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+            raise
+        if report.gate_failures and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.store.availability:
+            return
+        from .summary import summary_lines
+
+        terminalreporter.section("allreduce")
+        for line in summary_lines(self):
+            terminalreporter.write_line(line)
+
+    def pytest_unconfigure(self) -> None:
+        self.engine.close()
 
     def finish(self) -> SessionReport:
         """Select, bisect, write artifacts, gate. Only the writer process does the writing.
@@ -248,17 +189,19 @@ class AllreduceSession:
         Under torchrun every rank takes part in the bisection (its measurements are
         collective), so every rank runs the selection; only rank 0 writes.
         """
-        from . import artifacts, gate, selection
+        from . import artifacts, gate
+        from .config import device_label
+        from .fingerprint import device_name
 
         if not self.store.latencies:
             return self.report
-        selections: dict[GroupKey, selection.Selection] = {}
+        selections: dict[GroupKey, Selection] = {}
         measured = set(self.store.group_keys())
         for ws in self.plan.world_sizes:  # plan order: the first planned dtype comes first
             for hidden in self.plan.hidden_sizes:
                 for dtype in self.plan.dtypes:
                     if (key := GroupKey(ws, hidden, dtype)) in measured:
-                        selections[key] = self._select_with_bisection(key)
+                        selections[key] = self._select(key)
         if not self.is_writer:
             return self.report
         if missing := self.store.missing_suites():
@@ -266,10 +209,8 @@ class AllreduceSession:
                 "no backend is eligible to win: the gating suite(s) "
                 f"{', '.join(missing)} did not run in this session"
             )
-        device_name = fingerprint.device_label(self.store.machine)
-        written = artifacts.write_artifacts(
-            self.store, selections, self.options.output_dir, device_name
-        )
+        label = device_label(device_name(self.store.machine)) if self.store.machine else "cpu"
+        written = artifacts.write_artifacts(self.store, selections, self.options.output_dir, label)
         self.report.artifacts += written
         self.report.notes += written.notes
         if self.options.save_baseline is not None:
@@ -281,72 +222,81 @@ class AllreduceSession:
             self.report.notes += [str(n) for n in outcome.notes]
         return self.report
 
-    def _select_with_bisection(self, key: GroupKey) -> Any:
-        from . import selection
+    def _select(self, key: GroupKey) -> Selection:
+        from .selection import select_with_bisection
 
-        chosen = selection.select(self.store, key)
-        for _ in range(MAX_BISECTION_ROUNDS):
-            measured = self.store.batch_sizes(key)
-            points = [p for p in selection.bisection_points(chosen) if worth_splitting(measured, p)]
-            points = self._agree(key.world_size, points)
-            if not points:
-                break
-            for rows in points:
-                self._qualify_and_time(key, rows)
-            chosen = selection.select(self.store, key)
-        return chosen
+        return select_with_bisection(
+            self.store,
+            key,
+            measure_size=lambda rows: self.measure_size(key, rows),
+            agree=lambda points: self.engine.agree(key.world_size, points),
+        )
 
-    def _agree(self, world_size: int, points: list[int]) -> list[int]:
-        """Under torchrun, rank 0's bisection points for every rank: each rank selects from
-        its own copy of the results, and one differing float must not make one rank measure
-        a size the others do not."""
-        if not self.torchrun:
-            return points
-        executor = self.executor(world_size)
-        assert isinstance(executor, InProcessGroup)
-        agreed: list[int] = executor.ctx.all_gather_object(points)[0]
-        return agreed
+    def measure_size(self, key: GroupKey, rows: int) -> None:
+        """At a size between two measured ones: every check of the table that runs at each
+        size, recorded under its own suite, then the timing where all of them passed."""
+        from .pool import RankFailure
 
-    def _qualify_and_time(self, key: GroupKey, rows: int) -> None:
-        """At a size between two measured ones: the gating checks, then the timing, for
-        every backend that could be written to the config."""
         for target in sorted(self._planned_targets):
-            if target.group_key != key or not self.store.backend_types.get(target.backend):
+            if target.group_key != key or not self.store.server_type(target.backend):
                 continue
-            variant = self.plan.variant(target.backend)
-            limits = variant.cls.limits(variant.variant, target.world_size)
             availability = self.store.availability.get((target.backend, target.world_size))
             if availability is None or not availability.available:
                 continue
-            if limits.shape_refusal(rows, target.hidden, target.dtype, target.world_size):
-                continue
             case = target.at(rows)
-            work = self.work(target)
-            try:
-                for fn in (checks.exact_sum, checks.random_sum, checks.fused_job):
-                    self._record_check(
-                        case, "numerics", fn.__name__, self.call(target.world_size, fn, work, rows)
-                    )
-                if self.plan.device == "cuda" and limits.graph_capturable:
-                    sizes = [rows]
-                    result = self.call(target.world_size, checks.graph_replays, work, sizes, 100)
-                    self._record_check(case, "graph", "graph_replays", result)
-                if self.store.eligible(case):
-                    for job in JOBS:
-                        timed = self.call(
-                            target.world_size, timing.measure, work, rows, job, self.timing_plan
-                        )
-                        self.record_timing(case, job, timed[0])
-            except RankFailure as failure:
-                self.record_verdict(
-                    case, Verdict("numerics", "failed", str(failure)[:2000], "bisection")
-                )
+            for check in checks_at_each_size():
+                self._record_check(case, check)
+            if not self.store.eligible(case):
+                continue
+            for job in JOBS:
+                try:
+                    self.record_latency(self.engine.measure(case, job, self.timing_plan))
+                except CaseSkipped:
+                    break
+                except RankFailure as failure:
+                    verdict = Verdict("latency", "failed", str(failure)[:2000], "bisection")
+                    self.record_verdict(case, verdict)
+                    break
 
-    def _record_check(
-        self, case: Case, suite: str, name: str, reports: list[checks.CheckReport]
-    ) -> None:
-        problems = [f"rank {r.rank}: {p}" for r in reports for p in r.problems]
-        outcome = "failed" if problems else "passed"
-        self.record_verdict(
-            case, Verdict(suite, outcome, "; ".join(problems)[:2000], f"bisection::{name}")
+    def _record_check(self, case: Case, check: Check) -> None:
+        from .pool import RankFailure
+
+        test_id = f"bisection::{check.label}"
+        try:
+            outcome = self.engine.run_check(check, case)
+        except CaseSkipped as skipped:
+            self.record_verdict(case, Verdict(check.suite, "skipped", str(skipped), test_id))
+            return
+        except RankFailure as failure:
+            self.record_verdict(
+                case, Verdict(check.suite, "failed", str(failure)[:2000], test_id)
+            )
+            return
+        verdict = Verdict(
+            check.suite,
+            "passed" if outcome.passed else "failed",
+            "" if outcome.passed else outcome.describe()[:2000],
+            test_id,
         )
+        self.record_verdict(case, verdict)
+
+
+def _item_param(item: pytest.Item, name: str) -> Any:
+    params = getattr(item, "callspec", None)
+    return params.params.get(name) if params is not None else None
+
+
+def _item_case(item: pytest.Item) -> Case | None:
+    call = _item_param(item, "allreduce_check")
+    if isinstance(call, CheckCall):
+        return call.case
+    case = _item_param(item, "allreduce_case")
+    return case if isinstance(case, Case) else None
+
+
+def _item_suite(item: pytest.Item) -> str | None:
+    call = _item_param(item, "allreduce_check")
+    if isinstance(call, CheckCall):
+        return call.check.suite
+    mark = item.get_closest_marker("allreduce_suite")
+    return str(mark.args[0]) if mark else None

@@ -2,14 +2,10 @@
 
 import pytest
 
-from pytest_allreduce import timing
-
 pytestmark = pytest.mark.allreduce_suite("latency")
 
 
 @pytest.mark.parametrize("job", ["allreduce", "fused"])
 def test_latency(allreduce, job):
-    session, case = allreduce.session, allreduce.case
-    result = allreduce.run(timing.measure, case.batch_size, job, session.timing_plan)[0]
-    latency = session.record_timing(case, job, result)
-    assert all(s > 0 for s in latency.samples_us), "non-positive latency samples"
+    samples = allreduce.measure(job)
+    assert all(s > 0 for s in samples), "non-positive latency samples"

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from pytest_allreduce import artifacts
+from pytest_allreduce.artifacts.atomic import atomic_write
+from pytest_allreduce.artifacts.config import default_config_dtype
 from pytest_allreduce.config import load_config
-from pytest_allreduce.model import Availability, GroupKey, Latency, Target, Verdict
+from pytest_allreduce.model import Availability, GroupKey, Latency, Target, VariantInfo, Verdict
 from pytest_allreduce.results import ResultStore
-from pytest_allreduce.selection import Selection, select_all
+from pytest_allreduce.selection import Selection, select
 
 WS, HIDDEN = 2, 4096
 DEVICE_NAME = "NVIDIA H200"
@@ -47,27 +49,24 @@ def build_store(dtypes: tuple[str, ...] = ("float16", "bfloat16")) -> ResultStor
     backends = {
         "nccl": ("nccl", 0, False),
         "custom_ar": ("custom_allreduce", 20, False),
-        "flashinfer_fusion_oneshot": ("flashinfer_fusion", 40, True),
+        "flashinfer_fusion_one_shot": ("flashinfer_fusion", 40, True),
         "mscclpp": (None, 60, False),
     }
     for name, (btype, simplicity, fused) in backends.items():
-        store.backend_types[name] = btype
-        store.simplicity[name] = simplicity
-        if fused:
-            store.fused_backends.add(name)
+        store.declare(VariantInfo(name, btype, fused, simplicity))
         available = name != "mscclpp"
         reason = "" if available else "rank 1: mscclpp not installed"
         store.record_availability(Availability(name, WS, available, reason))
     seed = 0
     for dtype in dtypes:
         for bs in SIZES:
-            for name in ("nccl", "custom_ar", "flashinfer_fusion_oneshot"):
+            for name in ("nccl", "custom_ar", "flashinfer_fusion_one_shot"):
                 case = Target(name, WS, HIDDEN, dtype).at(bs)
                 numerics = "failed" if name == "custom_ar" else "passed"
                 store.record_verdict(case, Verdict("numerics", numerics, "exact sum"))
                 store.record_verdict(case, Verdict("graph", "passed", "replay"))
                 fused = 50.0 if name == "custom_ar" else 100.0
-                if name == "flashinfer_fusion_oneshot" and dtype == "bfloat16" and bs <= 32:
+                if name == "flashinfer_fusion_one_shot" and dtype == "bfloat16" and bs <= 32:
                     fused = 50.0
                 for job, median in (("fused", fused), ("allreduce", fused * 0.8)):
                     seed += 1
@@ -85,6 +84,10 @@ def store() -> ResultStore:
 @pytest.fixture
 def selections(store: ResultStore) -> dict[GroupKey, Selection]:
     return select_all(store)
+
+
+def select_all(store: ResultStore) -> dict[GroupKey, Selection]:
+    return {key: select(store, key) for key in store.group_keys()}
 
 
 def test_writes_every_file_with_the_expected_names(tmp_path, store, selections) -> None:
@@ -113,7 +116,7 @@ def test_config_comes_from_bfloat16_with_ascending_keys(tmp_path, store, selecti
     assert raw["1"] == {
         "backend_type": "flashinfer_fusion",
         "use_residual_rmsnorm_fusion": True,
-        "backend_name": "flashinfer_fusion_oneshot",
+        "backend_name": "flashinfer_fusion_one_shot",
     }
     assert raw["504"] == {
         "backend_type": "nccl",
@@ -133,8 +136,8 @@ def test_config_from_first_planned_dtype_without_bfloat16(tmp_path) -> None:
         (tmp_path / "tp2" / f"allreduce_evidence_hidden=4096,device={DEV}.json").read_text()
     )
     assert evidence["config"]["dtype"] == "float16"
-    assert artifacts.default_config_dtype(["float32", "bfloat16"]) == "bfloat16"
-    assert artifacts.default_config_dtype(["float32", "float16"]) == "float32"
+    assert default_config_dtype(["float32", "bfloat16"]) == "bfloat16"
+    assert default_config_dtype(["float32", "float16"]) == "float32"
 
 
 def test_config_dtype_override(tmp_path, store, selections) -> None:
@@ -166,7 +169,7 @@ def test_evidence_holds_samples_verdicts_availability_and_reasons(
     assert custom["verdicts"]["numerics"]["outcome"] == "failed"
     assert custom["eligible"] is False
     choice = bf16["selection"]["choices"]["32"]
-    assert choice["backend_name"] == "flashinfer_fusion_oneshot"
+    assert choice["backend_name"] == "flashinfer_fusion_one_shot"
     assert choice["beaten"] == ["nccl"]
     assert choice["comparisons"][0]["p_value"] < 0.01
     assert "numerics failed" in bf16["selection"]["excluded"]["32"]["custom_ar"]
@@ -182,7 +185,7 @@ def test_report_marks_the_chosen_backend(tmp_path, store, selections) -> None:
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     chosen_rows = [line for line in rows[1:] if line.endswith("| chosen |")]
     assert len(chosen_rows) == 1
-    assert "**flashinfer_fusion_oneshot**" in chosen_rows[0]
+    assert "**flashinfer_fusion_one_shot**" in chosen_rows[0]
     header = [cell.strip() for cell in rows[0].split("|")]
     column = next(i for i, cell in enumerate(header) if cell.startswith("speedup vs fastest"))
     speedup = chosen_rows[0].split("|")[column].strip()
@@ -206,7 +209,7 @@ def test_plot_is_a_png_naming_the_chosen_backends(tmp_path, store, selections) -
         tmp_path / "tp2" / f"allreduce_latency_hidden=4096,dtype=bfloat16,device={DEV}.png"
     ).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    assert b"1=flashinfer_fusion_oneshot" in png
+    assert b"1=flashinfer_fusion_one_shot" in png
     assert b"504=nccl" in png
 
 
@@ -232,7 +235,7 @@ def test_second_run_replaces_files_atomically(tmp_path, store, selections) -> No
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch) -> None:
     target = tmp_path / "sub" / "file.txt"
-    artifacts.atomic_write(target, "old\n")
+    atomic_write(target, "old\n")
     assert target.read_text() == "old\n"
     assert oct(target.stat().st_mode & 0o777) == oct(0o644)
 
@@ -241,7 +244,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        artifacts.atomic_write(target, b"new\n")
+        atomic_write(target, b"new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in target.parent.iterdir()] == ["file.txt"]
 
@@ -320,4 +323,4 @@ def test_benchmark_json_loads_with_pytest_benchmark(tmp_path, store, selections)
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "flashinfer_fusion_oneshot" in done.stdout
+    assert "flashinfer_fusion_one_shot" in done.stdout

@@ -20,11 +20,11 @@ import time
 
 import torch.distributed as dist
 
-from pytest_allreduce.backend import Backend, Limits
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
 
 class _Delayed(Backend):
-    backend_type = "cpu_shm"
+    variants = (VariantSpec(server_type="cpu_shm"),)
     slow_when_small = False
 
     @classmethod

@@ -17,24 +17,24 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pytest_allreduce.backend import Backend, Limits
+from pytest_allreduce.artifacts.config import write_config
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 from pytest_allreduce.config import (
     AdaptiveAllReduce,
     AllreduceConfig,
     ConfigEntry,
     ConfigError,
-    composed_add_rms_norm,
     config_path,
     device_label,
     load_config,
-    write_config,
 )
 from pytest_allreduce.context import RankContext
+from pytest_allreduce.jobs import add_rms_norm
 from pytest_allreduce.registry import BackendRegistry
 
 GLOO = ConfigEntry("gloo", False, "gloo")
 SHM = ConfigEntry("cpu_shm", False, "cpu_shm")
-FUSION = ConfigEntry("flashinfer_fusion", True, "flashinfer_fusion_oneshot")
+FUSION = ConfigEntry("flashinfer_fusion", True, "flashinfer_fusion_one_shot")
 SYMM = ConfigEntry("torch_symm_mem", False, "torch_symm_mem_two_shot")
 NCCL = ConfigEntry("nccl", False, "nccl")
 
@@ -340,13 +340,12 @@ class _FakeFusion(Backend):
     """Plays flashinfer_fusion on CPU tensors for a group of one (the sum is the input)."""
 
     name = "flashinfer_fusion"
-    backend_type = "flashinfer_fusion"
-    variants = ("oneshot",)
+    variants = (VariantSpec("one_shot", server_type="flashinfer_fusion", fused=True),)
     fused_calls = 0
 
     @classmethod
     def limits(cls, variant: str, world_size: int) -> Limits:
-        return Limits(device="cuda", dtypes=("float32",), fused=True)
+        return Limits(device="cuda", dtypes=("float32",))
 
     @classmethod
     def probe(cls, ctx: RankContext, variant: str) -> str | None:
@@ -358,17 +357,19 @@ class _FakeFusion(Backend):
     def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(inp)
 
+    def close(self) -> None:
+        pass  # the "cuda" context is pretend: nothing to synchronise
+
     def _fused(self, inp, residual, weight, eps, out, residual_out) -> None:  # type: ignore[no-untyped-def]
         type(self).fused_calls += 1
-        o, r = composed_add_rms_norm(inp, residual, weight, eps)
-        out.copy_(o)
-        residual_out.copy_(r)
+        out.copy_(inp)
+        residual_out.copy_(residual)
+        add_rms_norm(inp.device).fn(out, residual_out, weight, eps)
 
 
 class _FakeNccl(_FakeFusion):
     name = "nccl"
-    backend_type = "nccl"
-    variants = ("",)
+    variants = (VariantSpec(server_type="nccl"),)
 
     @classmethod
     def limits(cls, variant: str, world_size: int) -> Limits:
@@ -393,7 +394,7 @@ def test_adaptive_fused_and_composed_paths() -> None:
     ar = AdaptiveAllReduce(
         _one_rank("cuda"), config, 8, torch.float32, 128, _registry(_FakeFusion, _FakeNccl)
     )
-    assert sorted(ar.backends) == ["flashinfer_fusion_oneshot", "nccl"]
+    assert sorted(ar.backends) == ["flashinfer_fusion_one_shot", "nccl"]
     gen = torch.Generator().manual_seed(0)
     weight = torch.rand(8, generator=gen)
     for rows, fused in ((2, True), (100, False)):
@@ -412,9 +413,7 @@ def test_adaptive_fused_and_composed_paths() -> None:
 
 def test_adaptive_composes_when_the_backend_does_not_fuse() -> None:
     class NotFused(_FakeFusion):
-        @classmethod
-        def limits(cls, variant: str, world_size: int) -> Limits:
-            return Limits(device="cuda", dtypes=("float32",))
+        variants = (VariantSpec("one_shot", server_type="flashinfer_fusion"),)
 
     with pytest.warns(RuntimeWarning, match="does not fuse here"):
         ar = AdaptiveAllReduce(
@@ -425,7 +424,7 @@ def test_adaptive_composes_when_the_backend_does_not_fuse() -> None:
             4,
             _registry(NotFused),
         )
-    assert ar.unfused == ["flashinfer_fusion_oneshot"]
+    assert ar.unfused == ["flashinfer_fusion_one_shot"]
     x, residual, weight = torch.ones(2, 8), torch.ones(2, 8), torch.full((8,), 3.0)
     out, residual_out = ar.fused_add_rms_norm(x, residual, weight, 0.0)
     assert torch.equal(out, torch.full((2, 8), 3.0))
@@ -434,7 +433,7 @@ def test_adaptive_composes_when_the_backend_does_not_fuse() -> None:
 
 def test_adaptive_refusals_before_any_set_up() -> None:
     ctx = _one_rank("cuda")
-    with pytest.raises(ConfigError, match=r"does not have: nccl \(batch sizes 64\).*Available"):
+    with pytest.raises(ConfigError, match=r"batch size 64: backend_name 'nccl' is not a backend"):
         AdaptiveAllReduce(
             ctx, AllreduceConfig({1: FUSION, 64: NCCL}), 8, torch.float32, 4, _registry(_FakeFusion)
         )
@@ -443,11 +442,11 @@ def test_adaptive_refusals_before_any_set_up() -> None:
             ctx, AllreduceConfig({1: NCCL}), 8, torch.float32, 4, _registry(_RefusingNccl)
         )
     wrong_type = AllreduceConfig({1: ConfigEntry("custom_allreduce", False, "nccl")})
-    with pytest.raises(ConfigError, match="which is 'nccl' here"):
+    with pytest.raises(ConfigError, match="which is declared as 'nccl'"):
         AdaptiveAllReduce(ctx, wrong_type, 8, torch.float32, 4, _registry(_FakeNccl))
     with pytest.raises(ConfigError, match="CUDA config cannot run on device cpu"):
         AdaptiveAllReduce(_one_rank("cpu"), gpu_config(), 8, torch.float32, 4)
-    with pytest.raises(ConfigError, match="does not have: ghost"):
+    with pytest.raises(ConfigError, match="'ghost' is not a backend"):
         AdaptiveAllReduce(
             _one_rank("cpu"),
             AllreduceConfig({1: ConfigEntry("gloo", False, "ghost")}),
@@ -520,7 +519,8 @@ def _two_rank_worker(rank: int, world_size: int, port: int, config_file: str) ->
 
             residual = torch.full((rows, HIDDEN), float(rank + 1))  # differs per rank
             out, residual_out = ar.fused_add_rms_norm(x, residual, weight, 1e-5)
-            ref_out, ref_res = composed_add_rms_norm(expected, residual, weight, 1e-5)
+            ref_out, ref_res = expected.clone(), residual.clone()
+            add_rms_norm(ref_out.device).fn(ref_out, ref_res, weight, 1e-5)
             assert torch.equal(residual_out, expected + residual)
             assert torch.equal(out, ref_out) and torch.equal(residual_out, ref_res)
         ar.close()

@@ -10,6 +10,7 @@ import types
 import torch
 
 from pytest_allreduce import fingerprint
+from pytest_allreduce.config import device_label
 from pytest_allreduce.context import RankContext
 
 
@@ -41,7 +42,7 @@ def test_collect_on_the_cpu() -> None:
         assert fp[key].startswith("unavailable: device is cpu")
     for key in ("flashinfer_version", "sgl_kernel_version", "cuda_version", "nccl_version"):
         assert isinstance(fp[key], str) and fp[key]
-    assert fingerprint.device_label(fp) == "cpu"
+    assert fingerprint.device_name(fp) == "cpu"
 
 
 def test_library_version_falls_back_to_module_version(monkeypatch) -> None:
@@ -73,13 +74,11 @@ def test_collect_survives_a_failing_probe(monkeypatch) -> None:
     assert fp["device_count"] == "unavailable: RuntimeError: no cuda here"
 
 
-def test_device_label() -> None:
-    assert fingerprint.device_label({"device_type": "cpu", "device_name": "cpu"}) == "cpu"
-    label = fingerprint.device_label(
-        {"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
+def test_device_name_and_its_label() -> None:
+    assert fingerprint.device_name({"device_type": "cpu", "device_name": "cpu"}) == "cpu"
+    name = fingerprint.device_name({"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3"})
+    assert device_label(name) == "NVIDIA_H100_80GB_HBM3"
+    assert fingerprint.device_name({"device_type": "cuda", "device_name": "unavailable: x"}) == (
+        "unknown device"
     )
-    assert label == "NVIDIA_H100_80GB_HBM3"
-    assert fingerprint.device_label({"device_type": "cuda", "device_name": "unavailable: x"}) == (
-        "unknown_device"
-    )
-    assert fingerprint.device_label({}) == "unknown_device"
+    assert device_label(fingerprint.device_name({})) == "unknown_device"

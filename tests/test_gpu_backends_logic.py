@@ -119,56 +119,21 @@ def test_registry_knows_every_variant_name() -> None:
     ]
 
 
-# ---- server config types ----------------------------------------------------------------------
-
-EXPECTED_TYPES: dict[tuple[str, str], str | None] = {
-    ("nccl", ""): "nccl",
-    ("pynccl", ""): "nccl",
-    ("torch_symm_mem", "one_shot"): "torch_symm_mem",
-    ("torch_symm_mem", "two_shot"): "torch_symm_mem",
-    ("torch_symm_mem", "multimem"): "torch_symm_mem",
-    ("custom_ar", ""): "custom_allreduce",
-    ("vllm_custom_ar", ""): None,
-    ("flashinfer", "trtllm"): "flashinfer_fusion",
-    ("flashinfer", "mnnvl"): "flashinfer_fusion",
-    ("flashinfer", "auto"): "flashinfer_fusion",
-    ("flashinfer_fusion", "one_shot"): "flashinfer_fusion",
-    ("flashinfer_fusion", "two_shot"): "flashinfer_fusion",
-    ("flashinfer_fusion", "one_shot_fp8"): None,
-    ("flashinfer_fusion", "one_shot_fp4"): None,
-    ("mscclpp", ""): None,
-    ("quick_ar", ""): None,
-    ("mixed_comm", ""): None,
-}
+# ---- declarations ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("module", "variant"), sorted(EXPECTED_TYPES))
-def test_variant_backend_type(module: str, variant: str) -> None:
-    cls = _cls(module)
-    assert variant in cls.variants
-    kind = cls.variant_backend_type(variant)
-    assert kind == EXPECTED_TYPES[(module, variant)]
-    assert kind is None or kind in GPU_CONFIG_TYPES
-
-
-def test_only_flashinfer_fusion_fuses_and_implements_fused() -> None:
+def test_declared_server_types_are_gpu_config_types_and_only_fusion_fuses() -> None:
     for module in GPU_MODULES:
         cls = _cls(module)
-        for variant in cls.variants:
-            limits = cls.limits(variant, 2)
-            assert limits.device == "cuda"
-            assert limits.fused == (module == "flashinfer_fusion"), (module, variant)
+        for spec in cls.variants:
+            assert spec.server_type is None or spec.server_type in GPU_CONFIG_TYPES, spec
+            assert cls.limits(spec.suffix, 2).device == "cuda"
+            assert spec.fused == (module == "flashinfer_fusion"), (module, spec)
+            # The consumer fuses residual add + RMSNorm only through flashinfer_fusion.
+            if spec.fused and spec.server_type:
+                assert spec.server_type == "flashinfer_fusion"
         overrides = cls._fused is not Backend._fused
         assert overrides == (module == "flashinfer_fusion"), module
-
-
-def test_selectable_fused_types_are_flashinfer_fusion_only() -> None:
-    # A config's use_residual_rmsnorm_fusion can only be true for flashinfer_fusion.
-    for module in GPU_MODULES:
-        cls = _cls(module)
-        for variant in cls.variants:
-            if cls.limits(variant, 2).fused and cls.variant_backend_type(variant):
-                assert cls.variant_backend_type(variant) == "flashinfer_fusion"
 
 
 # ---- multicast ---------------------------------------------------------------------------------
@@ -181,7 +146,12 @@ NEEDS_MULTICAST = {
 }
 
 
-@pytest.mark.parametrize(("module", "variant"), sorted(EXPECTED_TYPES))
+ALL_VARIANTS = sorted(
+    (module, spec.suffix) for module in GPU_MODULES for spec in _cls(module).variants
+)
+
+
+@pytest.mark.parametrize(("module", "variant"), ALL_VARIANTS)
 def test_needs_multicast_flags(module: str, variant: str) -> None:
     for ws in (2, 4, 8):
         assert _cls(module).limits(variant, ws).needs_multicast == (
@@ -386,7 +356,7 @@ def test_mixed_comm_limits() -> None:
 # ---- probes on this CPU machine ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("module", "variant"), sorted(EXPECTED_TYPES))
+@pytest.mark.parametrize(("module", "variant"), ALL_VARIANTS)
 def test_every_probe_refuses_a_cpu_rank(module: str, variant: str) -> None:
     reason = _cls(module).probe(_ctx("cpu"), variant)
     assert isinstance(reason, str) and reason

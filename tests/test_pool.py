@@ -81,8 +81,8 @@ PID_DIR = os.environ["ALLREDUCE_TEST_PID_DIR"]
 seen = {}
 
 
-def healthy_pool(session):
-    results = session.run(2, pid_and_sum, PID_DIR)
+def healthy_pool(ranks):
+    results = ranks.run(2, pid_and_sum, PID_DIR)
     assert [total for _, total in results] == [3.0, 3.0]
     return [pid for pid, _ in results]
 """
@@ -144,19 +144,19 @@ def test_rank_exception_is_reported_with_its_traceback_and_the_pool_survives(
             from state import PID_DIR, healthy_pool, seen
 
 
-            def test_first(allreduce_session):
-                seen["pids"] = healthy_pool(allreduce_session)
-                assert allreduce_session.pool_starts == 1
+            def test_first(allreduce_session, allreduce_ranks):
+                seen["pids"] = healthy_pool(allreduce_ranks)
+                assert allreduce_session.engine.pool_starts == 1
 
 
-            def test_boom(allreduce_session):
-                allreduce_session.run(2, boom, PID_DIR)
+            def test_boom(allreduce_session, allreduce_ranks):
+                allreduce_ranks.run(2, boom, PID_DIR)
 
 
-            def test_same_pool_afterwards(allreduce_session):
+            def test_same_pool_afterwards(allreduce_session, allreduce_ranks):
                 # Every rank replied (one with a traceback): the pool is kept.
-                assert healthy_pool(allreduce_session) == seen["pids"]
-                assert allreduce_session.pool_starts == 1
+                assert healthy_pool(allreduce_ranks) == seen["pids"]
+                assert allreduce_session.engine.pool_starts == 1
             """
         )
     )
@@ -188,17 +188,17 @@ def _breaking_session(rank_function: str, test_name: str) -> str:
         from state import PID_DIR, healthy_pool, seen
 
 
-        def test_first(allreduce_session):
-            seen["pids"] = healthy_pool(allreduce_session)
+        def test_first(allreduce_session, allreduce_ranks):
+            seen["pids"] = healthy_pool(allreduce_ranks)
 
 
-        def {test_name}(allreduce_session):
-            allreduce_session.run(2, {rank_function}, PID_DIR)
+        def {test_name}(allreduce_session, allreduce_ranks):
+            allreduce_ranks.run(2, {rank_function}, PID_DIR)
 
 
-        def test_fresh_pool_afterwards(allreduce_session):
-            pids = healthy_pool(allreduce_session)
-            assert allreduce_session.pool_starts == 2
+        def test_fresh_pool_afterwards(allreduce_session, allreduce_ranks):
+            pids = healthy_pool(allreduce_ranks)
+            assert allreduce_session.engine.pool_starts == 2
             assert not set(pids) & set(seen["pids"])
         """
     )

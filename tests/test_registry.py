@@ -7,15 +7,14 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_allreduce import registry as registry_module
-from pytest_allreduce.backend import Backend, Limits
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 from pytest_allreduce.model import Latency, Target
 from pytest_allreduce.registry import BackendRegistry
 
 
 class _Plain(Backend):
     name = "plain_test"
-    backend_type = "gloo"
-    variants = ("fast", "slow")
+    variants = (VariantSpec("fast", server_type="gloo"), VariantSpec("slow", server_type="gloo"))
 
     @classmethod
     def limits(cls, variant, world_size):
@@ -69,6 +68,13 @@ def test_a_name_registered_twice_by_different_classes_is_refused() -> None:
         registry.register(Other)
     with pytest.raises(TypeError, match="not a pytest_allreduce Backend"):
         registry.register(object)  # type: ignore[arg-type]
+
+    class Undeclared(_Plain):
+        name = "undeclared_test"
+        variants = ("fast",)  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match="tuple of VariantSpec"):
+        registry.register(Undeclared)
 
 
 def test_entry_points_register_backends(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from pytest_allreduce import selection as sel
-from pytest_allreduce.config import AllreduceConfig, ConfigError, config_path, write_config
-from pytest_allreduce.model import Availability, GroupKey, Latency, Target, Verdict
+from pytest_allreduce import stats
+from pytest_allreduce.artifacts.config import write_config
+from pytest_allreduce.config import AllreduceConfig, ConfigError, config_path
+from pytest_allreduce.model import Availability, GroupKey, Latency, Target, VariantInfo, Verdict
 from pytest_allreduce.results import ResultStore
 
 WS, HIDDEN, DTYPE = 2, 4096, "bfloat16"
@@ -31,10 +33,7 @@ def add_backend(
     available: bool = True,
     reason: str = "",
 ) -> None:
-    store.backend_types[name] = btype
-    store.simplicity[name] = simplicity
-    if fused:
-        store.fused_backends.add(name)
+    store.declare(VariantInfo(name, btype, fused, simplicity))
     store.record_availability(Availability(name, WS, available, reason))
 
 
@@ -60,30 +59,24 @@ def gpu_store() -> ResultStore:
     add_backend(store, "nccl", "nccl", 0)
     add_backend(store, "custom_ar", "custom_allreduce", 20)
     add_backend(store, "torch_symm_mem_two_shot", "torch_symm_mem", 30)
-    add_backend(store, "flashinfer_fusion_oneshot", "flashinfer_fusion", 40, fused=True)
+    add_backend(store, "flashinfer_fusion_one_shot", "flashinfer_fusion", 40, fused=True)
     return store
 
 
 # ---- the rule on raw samples ---------------------------------------------------------------
 
 
-def test_rule_constants() -> None:
-    assert sel.P_VALUE_MAX == 0.01
-    assert sel.MIN_GAIN == 0.03
-    assert sel.SELECTION_JOB == "fused"
-
-
 def test_rule_clear_twenty_percent_gain_beats() -> None:
     cmp = sel.compare_samples(noisy(80, 1), noisy(100, 2))
     assert cmp.beats
-    assert cmp.p_value < sel.P_VALUE_MAX
+    assert cmp.p_value < stats.P_VALUE_MAX
     assert cmp.gain == pytest.approx(0.2, abs=0.01)
 
 
 def test_rule_significant_but_small_gain_does_not_beat() -> None:
     # 2% faster with tight samples: real, but below the 3% worth switching for.
     cmp = sel.compare_samples(noisy(98, 3, rel=0.002), noisy(100, 4, rel=0.002))
-    assert cmp.p_value < sel.P_VALUE_MAX
+    assert cmp.p_value < stats.P_VALUE_MAX
     assert not cmp.beats
 
 
@@ -92,7 +85,7 @@ def test_rule_large_gain_without_significance_does_not_beat() -> None:
     reference = [99.0, 100.0, 101.0, 100.0, 99.5, 100.5, 100.2, 99.8, 100.1, 99.9]
     cmp = sel.compare_samples(challenger, reference)
     assert cmp.gain > sel.MIN_GAIN
-    assert cmp.p_value >= sel.P_VALUE_MAX
+    assert cmp.p_value >= stats.P_VALUE_MAX
     assert not cmp.beats
 
 
@@ -125,9 +118,9 @@ def test_default_kept_when_challenger_within_noise() -> None:
 def test_clearly_faster_challenger_wins_with_evidence() -> None:
     store = gpu_store()
     measure(store, "nccl", 32, noisy(100, 10))
-    measure(store, "flashinfer_fusion_oneshot", 32, noisy(80, 12))
+    measure(store, "flashinfer_fusion_one_shot", 32, noisy(80, 12))
     choice = sel.select(store, KEY).choices[32]
-    assert choice.backend_name == "flashinfer_fusion_oneshot"
+    assert choice.backend_name == "flashinfer_fusion_one_shot"
     assert choice.backend_type == "flashinfer_fusion"
     assert choice.use_residual_rmsnorm_fusion
     assert choice.beaten == ("nccl",)
@@ -137,7 +130,7 @@ def test_clearly_faster_challenger_wins_with_evidence() -> None:
     assert "p=" in choice.reason and "nccl" in choice.reason
     evidence = choice.to_json()
     json.dumps(evidence)
-    assert evidence["comparisons"][0]["p_value"] < sel.P_VALUE_MAX
+    assert evidence["comparisons"][0]["p_value"] < stats.P_VALUE_MAX
 
 
 def test_faster_but_noisy_challenger_does_not_win() -> None:
@@ -154,10 +147,10 @@ def test_tie_goes_to_the_simpler_challenger() -> None:
     store = gpu_store()
     measure(store, "nccl", 64, noisy(100, 20))
     measure(store, "custom_ar", 64, noisy(85, 21))
-    measure(store, "flashinfer_fusion_oneshot", 64, noisy(84, 22))
+    measure(store, "flashinfer_fusion_one_shot", 64, noisy(84, 22))
     choice = sel.select(store, KEY).choices[64]
     assert choice.backend_name == "custom_ar"
-    assert choice.tied == ("flashinfer_fusion_oneshot",)
+    assert choice.tied == ("flashinfer_fusion_one_shot",)
     assert "tie" in choice.reason
 
 
@@ -166,9 +159,9 @@ def test_fastest_wins_when_it_beats_the_simpler_challengers() -> None:
     measure(store, "nccl", 64, noisy(100, 20))
     measure(store, "custom_ar", 64, noisy(85, 21))
     measure(store, "torch_symm_mem_two_shot", 64, noisy(84, 23))
-    measure(store, "flashinfer_fusion_oneshot", 64, noisy(70, 22))
+    measure(store, "flashinfer_fusion_one_shot", 64, noisy(70, 22))
     choice = sel.select(store, KEY).choices[64]
-    assert choice.backend_name == "flashinfer_fusion_oneshot"
+    assert choice.backend_name == "flashinfer_fusion_one_shot"
     assert set(choice.beaten) == {"nccl", "custom_ar", "torch_symm_mem_two_shot"}
     assert choice.tied == ()
 
@@ -180,7 +173,7 @@ def test_failed_or_uneligible_backends_never_win() -> None:
     measure(store, "torch_symm_mem_two_shot", 8, noisy(50, 32), {"numerics": "passed"})
     measure(
         store,
-        "flashinfer_fusion_oneshot",
+        "flashinfer_fusion_one_shot",
         8,
         noisy(50, 33),
         {"numerics": "passed", "graph": "skipped"},
@@ -192,7 +185,7 @@ def test_failed_or_uneligible_backends_never_win() -> None:
     excluded = result.excluded[8]
     assert "numerics failed" in excluded["custom_ar"]
     assert "graph not run" in excluded["torch_symm_mem_two_shot"]
-    assert "graph skipped" in excluded["flashinfer_fusion_oneshot"]
+    assert "graph skipped" in excluded["flashinfer_fusion_one_shot"]
 
 
 def test_unavailable_backend_is_excluded_with_its_reason() -> None:
@@ -284,9 +277,9 @@ def test_missing_fused_latency_is_excluded() -> None:
 
 
 def test_fusion_flag_only_for_fused_flashinfer_type() -> None:
-    assert sel.fusion_flag("fi", "flashinfer_fusion", {"fi"})
-    assert not sel.fusion_flag("fi", "flashinfer_fusion", set())
-    assert not sel.fusion_flag("shm", "cpu_shm", {"shm"})
+    assert sel.fusion_flag(True, "flashinfer_fusion")
+    assert not sel.fusion_flag(False, "flashinfer_fusion")
+    assert not sel.fusion_flag(True, "cpu_shm")
 
 
 # ---- config --------------------------------------------------------------------------------
@@ -297,7 +290,7 @@ def test_config_written_with_ascending_keys_and_exact_fields(tmp_path) -> None:
     for i, bs in enumerate([504, 2, 40, 1, 32]):
         measure(store, "nccl", bs, noisy(100, 90 + i))
         fi_median = 60 if bs <= 32 else 100
-        measure(store, "flashinfer_fusion_oneshot", bs, noisy(fi_median, 100 + i))
+        measure(store, "flashinfer_fusion_one_shot", bs, noisy(fi_median, 100 + i))
     config = sel.select(store, KEY).to_config()
     assert isinstance(config, AllreduceConfig)
     path = config_path(tmp_path, WS, HIDDEN, "NVIDIA H200")
@@ -311,7 +304,7 @@ def test_config_written_with_ascending_keys_and_exact_fields(tmp_path) -> None:
         assert value == {
             "backend_type": "flashinfer_fusion" if fused else "nccl",
             "use_residual_rmsnorm_fusion": fused,
-            "backend_name": "flashinfer_fusion_oneshot" if fused else "nccl",
+            "backend_name": "flashinfer_fusion_one_shot" if fused else "nccl",
         }
 
 

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from pytest_allreduce.backend import Backend, Limits
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
 from pytest_allreduce.model import Target
 from pytest_allreduce.options import Options
 from pytest_allreduce.plan import Plan
 from pytest_allreduce.registry import BackendRegistry
-from pytest_allreduce.session import AllreduceSession, worth_splitting
+from pytest_allreduce.selection import worth_splitting
+from pytest_allreduce.session import AllreduceSession
 
 
 class _NeedsMulticast(Backend):
     name = "needs_multicast_test"
-    backend_type = None
+    variants = (VariantSpec(),)
 
     @classmethod
     def limits(cls, variant, world_size):
@@ -64,19 +65,19 @@ def test_multicast_backends_are_refused_without_being_probed(
     name, value = switch.split("=")
     monkeypatch.setenv(name, value)
     session = _session(("needs_multicast_test",))
-    verdict = session.engine_availability(Target("needs_multicast_test", 2, 64, "bfloat16"))
+    verdict = session.engine.known_availability(Target("needs_multicast_test", 2, 64, "bfloat16"))
     assert not verdict.available
     assert "needs NVLink multicast" in verdict.reason and switch in verdict.reason
     # Recorded for the backend matrix, and no pool was started to find this out.
     assert session.store.availability[("needs_multicast_test", 2)] is verdict
-    assert session._executors == {}
+    assert session.engine.pool_starts == 0
 
 
 def test_device_mismatch_is_refused_by_the_engine() -> None:
     session = _session(("nccl", "gloo"))
-    nccl = session.engine_availability(Target("nccl", 2, 64, "bfloat16"))
+    nccl = session.engine.known_availability(Target("nccl", 2, 64, "bfloat16"))
     assert not nccl.available and nccl.reason == "a cuda backend; this session runs on cpu"
-    assert session.engine_availability(Target("gloo", 2, 64, "bfloat16")).available
+    assert session.engine.known_availability(Target("gloo", 2, 64, "bfloat16")).available
 
 
 def test_bisection_resolution() -> None:

@@ -1,0 +1,130 @@
+"""Session-end artifacts: the server config, its evidence, reports, plots, benchmark.json.
+
+Written under the output dir:
+
+- ``tp{N}/allreduce_config_hidden={H},device={DEV}.json``: the server config (through
+  ``config.write_config``). Its name carries no dtype, so it is emitted from the bfloat16
+  selection when bfloat16 was planned, else from the first planned dtype; the evidence
+  records which.
+- ``tp{N}/allreduce_evidence_hidden={H},device={DEV}.json``: per dtype every backend's
+  medians, raw samples and verdicts per batch size, the availability matrix with skip
+  reasons, the machine fingerprint and why each winner won. A config without its evidence
+  cannot be audited; with it, anyone can re-check a choice.
+- ``tp{N}/allreduce_report_hidden={H},dtype={D},device={DEV}.md``: the human summary.
+- ``tp{N}/allreduce_latency_hidden={H},dtype={D},device={DEV}.png``: fused-job latency
+  against batch size per backend, the chosen backend ringed (needs matplotlib; skipped
+  with a note without it).
+- ``benchmark.json``: the latencies in the structure pytest-benchmark's ``--benchmark-json``
+  writes, so ``pytest-benchmark compare`` and dashboards built for it can read our runs.
+
+One module per format; every file goes through `atomic.atomic_write`: a reader, or a
+server started mid-run, sees the previous file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from ..config import ConfigError, config_path, device_label
+from ..model import GroupKey
+from ..results import ResultStore
+from ..selection import Selection
+from .atomic import atomic_write, dumps_json
+from .benchmark import BENCHMARK_JSON, benchmark_json
+from .config import default_config_dtype, write_config
+from .evidence import evidence
+from .plot import plot_png
+from .report import report
+
+
+class WrittenArtifacts(list[Path]):
+    """The paths written (a plain list to callers) plus notes on what was skipped and why."""
+
+    def __init__(self, paths: Iterable[Path] = (), notes: Iterable[str] = ()) -> None:
+        super().__init__(paths)
+        self.notes: list[str] = list(notes)
+
+
+def write_artifacts(
+    store: ResultStore,
+    selections: Mapping[GroupKey, Selection],
+    output_dir: str | os.PathLike[str],
+    device_name: str,
+    config_dtype_for: Callable[[int, int], str] | None = None,
+) -> WrittenArtifacts:
+    """Write every artifact; return the paths written, with `.notes` on what was skipped.
+
+    `selections` should be in plan order (its first dtype per (world size, hidden) is the
+    "first planned dtype"). `config_dtype_for(world_size, hidden)` names the dtype whose
+    selection goes into the config; by default `default_config_dtype` over the planned
+    dtypes found in `selections`. `device_name` is the raw device name
+    (``torch.cuda.get_device_name()`` or ``"cpu"``).
+    """
+    out = Path(output_dir)
+    dev = device_label(device_name)
+    written = WrittenArtifacts()
+    by_shape: dict[tuple[int, int], dict[GroupKey, Selection]] = defaultdict(dict)
+    for key, sel in selections.items():
+        by_shape[(key.world_size, key.hidden)][key] = sel
+
+    for (ws, hidden), groups in by_shape.items():
+        planned = [k.dtype for k in groups]
+        config_dtype = (
+            config_dtype_for(ws, hidden) if config_dtype_for else default_config_dtype(planned)
+        )
+        config_note = ""
+        if config_dtype not in planned:
+            fallback = default_config_dtype(planned)
+            config_note = (
+                f"config dtype {config_dtype} has no selection here; used {fallback} instead"
+            )
+            written.notes.append(f"tp{ws} hidden {hidden}: {config_note}")
+            config_dtype = fallback
+        source = groups[GroupKey(ws, hidden, config_dtype)]
+        config_file: Path | None = config_path(out, ws, hidden, device_name)
+        if source.choices:
+            try:
+                write_config(config_file, source.to_config(), store.device)
+                written.append(config_file)
+                config_note = config_note or f"emitted from the {config_dtype} selection"
+            except ConfigError as exc:
+                config_note = f"config not written: {exc}"
+                written.notes.append(f"tp{ws} hidden {hidden}: {config_note}")
+                config_file = None
+        else:
+            config_note = f"config not written: no batch size has a winner for {config_dtype}"
+            written.notes.append(f"tp{ws} hidden {hidden}: {config_note}")
+            config_file = None
+
+        tp_dir = out / f"tp{ws}"
+        evidence_doc = evidence(
+            store, ws, hidden, dev, groups, config_dtype, config_file, config_note
+        )
+        written.append(
+            atomic_write(
+                tp_dir / f"allreduce_evidence_hidden={hidden},device={dev}.json",
+                dumps_json(evidence_doc),
+            )
+        )
+        for key, sel in groups.items():
+            stem = f"hidden={hidden},dtype={key.dtype},device={dev}"
+            text = report(store, key, sel, dev, config_dtype, config_file)
+            written.append(atomic_write(tp_dir / f"allreduce_report_{stem}.md", text))
+            try:
+                png = plot_png(store, key, sel, dev)
+            except ImportError as exc:
+                written.notes.append(
+                    f"plot for {key.label} skipped: matplotlib is not available ({exc})"
+                )
+                continue
+            written.append(atomic_write(tp_dir / f"allreduce_latency_{stem}.png", png))
+
+    written.append(
+        atomic_write(
+            out / BENCHMARK_JSON, dumps_json(benchmark_json(store, selections, device_name))
+        )
+    )
+    return written

@@ -1,0 +1,240 @@
+"""The engine: rank pools, availability, and running checks and timings on every rank.
+
+It knows nothing of pytest: it raises `CaseSkipped` where a case cannot run here and
+`RankFailure` where a distributed call failed; the plugin's fixtures turn those into skips
+and failures, and session-end work records them as verdicts. Everything that touches torch
+or starts processes is imported here on first use, never while pytest starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .checktable import CHECKS, Check
+from .context import multicast_disabled_by
+from .model import Availability, Case, Job, Latency, Target
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .jobs import Work
+    from .options import Options
+    from .plan import Plan
+    from .pool import Executor
+    from .registry import Variant
+    from .results import ResultStore
+    from .timing import TimingPlan
+
+
+class CaseSkipped(Exception):
+    """A case that cannot run here, with the reason (becomes a pytest skip)."""
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One check's result at one case, over all ranks."""
+
+    check: Check
+    case: Case
+    problems: tuple[str, ...]
+    engaged: str
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        return f"[{self.engaged}]\n" + "\n".join(self.problems)
+
+
+def under_torchrun() -> bool:
+    """pytest itself was started by torchrun (or another launcher setting RANK/WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class Engine:
+    def __init__(self, options: Options, plan: Plan, store: ResultStore) -> None:
+        self.options = options
+        self.plan = plan
+        self.store = store
+        self.torchrun = under_torchrun()
+        self.pool_starts = 0
+        self._executors: dict[int, Executor] = {}
+        # Rows every set-up must hold: the plan's sizes and the checks' extra sizes.
+        self.needed_rows = max([*plan.batch_sizes, *(r for c in CHECKS for r in c.extra_rows)])
+
+    # ---- executors -----------------------------------------------------------------------
+
+    def cannot_start(self, world_size: int) -> str | None:
+        """Why no process group of this size can exist here, or None."""
+        if self.torchrun:
+            job_size = int(os.environ["WORLD_SIZE"])
+            if world_size != job_size:
+                return f"world size {world_size} differs from this torchrun job's {job_size}"
+            return None
+        if self.plan.device == "cuda" and world_size > self.plan.gpu_count:
+            return f"world size {world_size} needs {world_size} GPUs; {self.plan.gpu_count} visible"
+        return None
+
+    def executor(self, world_size: int) -> Executor:
+        from . import fingerprint
+        from .pool import InProcessGroup, RankPool
+
+        current = self._executors.get(world_size)
+        if current is not None and not current.broken:
+            return current
+        self._executors.pop(world_size, None)
+        if self.torchrun:
+            current = InProcessGroup(self.plan.device, self.options.timeout_s)
+        else:
+            # One pool at a time: pools of several sizes would share the same GPUs.
+            self.close()
+            current = RankPool(world_size, self.plan.device, self.options.timeout_s).start()
+            self.pool_starts += 1
+        self._executors[world_size] = current
+        if not self.store.machine:
+            self.store.machine = current.run(fingerprint.collect)[0]
+        return current
+
+    def call(self, world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """fn(ctx, *args) on every rank; RankFailure when any rank fails (a broken pool is
+        dropped here, so the next call starts a fresh one)."""
+        from .pool import RankFailure
+
+        executor = self.executor(world_size)
+        try:
+            return executor.run(fn, *args)
+        except RankFailure:
+            if executor.broken:
+                self._executors.pop(world_size, None)
+            raise
+
+    def agree(self, world_size: int, value: Any) -> Any:
+        """Under torchrun, rank 0's `value` on every rank: each rank decides session-end
+        work from its own copy of the results, and one differing float must not make one
+        rank measure a size the others do not. Elsewhere `value` itself."""
+        if not self.torchrun:
+            return value
+        executor = self.executor(world_size)
+        return executor.ctx.all_gather_object(value)[0]  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for world_size, executor in list(self._executors.items()):
+            try:
+                executor.close()
+            finally:
+                del self._executors[world_size]
+
+    # ---- availability and work -----------------------------------------------------------
+
+    def refusal(self, variant: Variant, world_size: int) -> str | None:
+        """Reasons decided here, before any rank is asked (so multicast is never tried)."""
+        limits = variant.limits(world_size)
+        if limits.device != self.plan.device:
+            return f"a {limits.device} backend; this session runs on {self.plan.device}"
+        if limits.needs_multicast and (switches := multicast_disabled_by()):
+            return f"needs NVLink multicast, which is off here ({', '.join(switches)})"
+        if reason := limits.world_size_refusal(world_size):
+            return reason
+        return self.cannot_start(world_size)
+
+    def known_availability(self, target: Target) -> Availability:
+        """Availability as far as it is known without asking any rank; an engine refusal
+        is recorded at once, so the matrix lists it even though no test of it runs."""
+        known = self.store.availability.get((target.backend, target.world_size))
+        if known is not None:
+            return known
+        variant = self.plan.variant(target.backend)
+        reason = self.refusal(variant, target.world_size)
+        if reason is None:
+            return Availability(variant.name, target.world_size, True)
+        limits = variant.limits(target.world_size).as_dict()
+        refused = Availability(variant.name, target.world_size, False, reason, limits)
+        self.store.record_availability(refused)
+        return refused
+
+    def availability(self, variant: Variant, world_size: int) -> Availability:
+        """Availability agreed by every rank's probe (asked once per session)."""
+        from .jobs import vote_availability
+
+        key = (variant.name, world_size)
+        known = self.store.availability.get(key)
+        if known is not None:
+            return known
+        reason = self.refusal(variant, world_size)
+        if reason is None:
+            answers = self.call(world_size, vote_availability, variant)[0]
+            reason = "; ".join(f"rank {r}: {a}" for r, a in enumerate(answers) if a) or None
+        result = Availability(
+            variant.name, world_size, reason is None, reason or "",
+            variant.limits(world_size).as_dict(),
+        )
+        self.store.record_availability(result)
+        return result
+
+    def work(self, target: Target) -> Work:
+        from .jobs import Work
+
+        variant = self.plan.variant(target.backend)
+        largest = variant.limits(target.world_size).largest_rows(target.hidden, target.dtype)
+        # A bounded backend is set up for its whole range, so the limit checks reuse it.
+        rows = largest if largest is not None else self.needed_rows
+        return Work(variant, target, max(rows, 1))
+
+    def require(self, case: Case) -> Work:
+        """The work for a case; CaseSkipped saying why when it cannot run here."""
+        target = case.target
+        variant = self.plan.variant(target.backend)
+        availability = self.availability(variant, target.world_size)
+        if not availability.available:
+            raise CaseSkipped(
+                f"{target.backend} unavailable at world size {target.world_size}: "
+                f"{availability.reason}"
+            )
+        refusal = variant.limits(target.world_size).shape_refusal(
+            case.batch_size, target.hidden, target.dtype, target.world_size
+        )
+        if refusal:
+            raise CaseSkipped(f"outside {target.backend}'s limits: {refusal}")
+        return self.work(target)
+
+    def check_refusal(self, check: Check, target: Target) -> str | None:
+        """Why `check` does not apply to `target` here, or None."""
+        if check.needs_graphs:
+            if self.plan.device != "cuda":
+                return "CUDA graphs need a GPU; this session runs on the CPU"
+            limits = self.plan.variant(target.backend).limits(target.world_size)
+            if not limits.graph_capturable:
+                return f"{target.backend} declares it cannot be captured in a CUDA graph"
+        return None
+
+    # ---- running -------------------------------------------------------------------------
+
+    def run_check(self, check: Check, case: Case) -> CheckOutcome:
+        """`check` at `case` on every rank. CaseSkipped, or RankFailure when a rank failed."""
+        if reason := self.check_refusal(check, case.target):
+            raise CaseSkipped(reason)
+        work = self.require(case)
+        reports = self.call(case.target.world_size, check.fn, work, case.batch_size, *check.args)
+        problems = tuple(f"rank {r.rank}: {p}" for r in reports for p in r.problems)
+        return CheckOutcome(check, case, problems, reports[0].engaged if reports else "")
+
+    def measure(self, case: Case, job: Job, timing_plan: TimingPlan) -> Latency:
+        """The job's latency at `case`, every sample the maximum over ranks."""
+        from . import timing
+
+        work = self.require(case)
+        result = self.call(
+            case.target.world_size, timing.measure, work, case.batch_size, job, timing_plan
+        )[0]
+        return Latency(
+            case=case,
+            job=job,
+            samples_us=result.samples_us,
+            ops_per_sample=result.ops_per_sample,
+            clock=result.clock,
+            message_bytes=result.message_bytes,
+            engaged=result.engaged,
+        )

@@ -1,0 +1,133 @@
+"""Running a config in a process group: AdaptiveAllReduce, for servers without SGLang's loader.
+
+Also importable as `pytest_allreduce.config.AdaptiveAllReduce`; it lives apart from the
+schema because it needs torch and set-up backends.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import AllreduceConfig, ConfigError, check_backend_names, default_registry
+from .jobs import add_rms_norm
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .context import RankContext
+    from .registry import BackendRegistry
+
+
+class AdaptiveAllReduce:
+    """Runs a config in a server that does not have SGLang's loader.
+
+    Construction is collective: every rank resolves the config's distinct backend names,
+    agrees that every rank can run them, and sets them up in sorted name order, so all ranks
+    enter each backend's set-up collectives together. A dispatch decision depends only on the
+    input's row count, which is the same on every rank, so all ranks pick the same backend.
+    """
+
+    def __init__(
+        self,
+        ctx: RankContext,
+        config: AllreduceConfig,
+        hidden: int,
+        dtype: torch.dtype,
+        max_rows: int,
+        registry: BackendRegistry | None = None,
+    ) -> None:
+        if not isinstance(config, AllreduceConfig):
+            raise TypeError(f"config must be an AllreduceConfig, got {type(config).__name__}")
+        if config.device != ctx.device.type:
+            raise ConfigError(f"a {config.device.upper()} config cannot run on device {ctx.device}")
+        self.ctx = ctx
+        self.config = config
+        self.hidden = hidden
+        self.dtype = dtype
+        self.max_rows = max_rows
+        registry = default_registry() if registry is None else registry
+        check_backend_names(config, registry, "config")
+        variants = {e.backend_name: registry.variant(e.backend_name) for e in config.values()}
+        # Every decision below is agreed before any backend's set-up collective starts: a
+        # rank that refused alone would leave the others waiting in set-up forever.
+        local = {name: v.cls.probe(ctx, v.variant) for name, v in variants.items()}
+        refusals = [
+            f"{name} on rank {rank}: {reason}"
+            for rank, answers in enumerate(ctx.all_gather_object(local))
+            for name, reason in sorted(answers.items())
+            if reason is not None
+        ]
+        if refusals:
+            raise ConfigError(
+                "the config names backends this group cannot run: " + "; ".join(refusals)
+            )
+        self._backends: dict[str, Backend] = {}
+        try:
+            for name in sorted(variants):
+                v = variants[name]
+                self._backends[name] = v.cls(ctx, v.variant, hidden, dtype, max_rows)
+        except BaseException:
+            # The backends already set up are dropped, not closed: close() is collective,
+            # and after a failed set-up the other ranks may never reach it.
+            self._backends.clear()
+            raise
+        self.unfused: list[str] = sorted(
+            {
+                e.backend_name
+                for e in config.values()
+                if e.use_residual_rmsnorm_fusion and not self._backends[e.backend_name].fused
+            }
+        )
+        if self.unfused and ctx.rank == 0:
+            warnings.warn(
+                f"the config asks for fused residual add + RMSNorm with {', '.join(self.unfused)}, "
+                "which does not fuse here; composing allreduce + add + RMSNorm instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        """The set-up backends by full variant name."""
+        return dict(self._backends)
+
+    def backend_for(self, rows: int) -> Backend:
+        """The backend the config picks for an input of `rows` rows."""
+        return self._backends[self.config.lookup(rows).backend_name]
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over the group, in a new tensor."""
+        backend = self.backend_for(x.shape[0])
+        out = torch.empty_like(x)
+        backend.all_reduce(x, out)
+        return out
+
+    def fused_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(allreduce(x) + residual) * weight, allreduce(x) + residual).
+
+        Fused in one call where the entry asks for it and the backend fuses; otherwise the
+        allreduce is followed by the engine's one add + RMSNorm composition, the same the
+        suites time and check.
+        """
+        entry = self.config.lookup(x.shape[0])
+        backend = self._backends[entry.backend_name]
+        if entry.use_residual_rmsnorm_fusion and backend.fused:
+            out = torch.empty_like(x)
+            residual_out = torch.empty_like(residual)
+            backend.fused_add_rms_norm(x, residual, weight, eps, out, residual_out)
+            return out, residual_out
+        out = torch.empty_like(x)
+        residual_out = residual.clone()
+        backend.all_reduce(x, out)
+        add_rms_norm(x.device).fn(out, residual_out, weight, eps)
+        return out, residual_out
+
+    def close(self) -> None:
+        """Release every backend, in set-up order. Collective."""
+        backends, self._backends = self._backends, {}
+        for name in sorted(backends):
+            backends[name].close()
