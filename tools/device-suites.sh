@@ -2,18 +2,10 @@
 # Runs pytest-allreduce on the GPU machine (through the device tool) and leaves the log,
 # the artifacts (as one archive) and the environment (env.txt, once) under $OUT.
 #   usage: tools/device-suites.sh NAME [pytest arguments...]
-# The GPU kit must be at .devkit/ (a copy of ../shared/devkit, carried with the call).
+# The GPU kit is set up by tools/device-env.sh (carried as .devkit/ in a machine's first call).
 set -u -o pipefail
 name=$1; shift
-source .devkit/setup-on-device.sh
-# NVLink multicast stays off in every process started here (setup-on-device.sh sets these
-# too; repeated so this script is safe on its own).
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import importlib.metadata as m; m.version('pytest-allreduce')" 2>/dev/null; then
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 ||
-        { cat "$OUT/install.log"; exit 3; }
-fi
+source tools/device-env.sh || exit 3
 [ -f "$OUT/env.txt" ] || {
     date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     nvidia-smi topo -m
