@@ -1,19 +1,24 @@
 """The tensor-parallel model at world size 2 over gloo, against transformers' unsharded
-model, and the comparison's power against reducers with planted faults."""
+model; the comparison's power against reducers with planted faults; and the tiny model
+through lm-eval's GSM8K end to end. One rank pool serves the whole module."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
+pytest.importorskip("lm_eval")
 
 import torch
 from accuracy_ranks import drop_share_reducer, ulp_reducer
+from safetensors.torch import load_file, save_file
 
 from pytest_allreduce.accuracy.compare import compare_runs
 from pytest_allreduce.accuracy.generate import (
@@ -23,9 +28,10 @@ from pytest_allreduce.accuracy.generate import (
     rank_generate,
     rank_logits,
 )
+from pytest_allreduce.accuracy.gsm8k import PoolLM, run_gsm8k
 from pytest_allreduce.accuracy.records import GSM8KRun, QuestionResult
 from pytest_allreduce.accuracy.reducers import ReducerFactory, torch_reducer
-from pytest_allreduce.accuracy.source import ModelSource
+from pytest_allreduce.accuracy.source import ModelSource, prepare_model_source
 from pytest_allreduce.accuracy.tiny import TinySpec, build_tiny_model
 from pytest_allreduce.pool import RankPool
 
@@ -49,6 +55,30 @@ def _tiny(root: Path, kv_heads: int) -> ModelSource:
     return ModelSource("tiny", str(path), f"kv{kv_heads}")
 
 
+def _llama_with_biases(root: Path) -> ModelSource:
+    """The tiny model as a Llama with biases on every projection: o_proj and down_proj are
+    row-parallel, so their biases must be added once (on rank 0), not once per rank."""
+    path = build_tiny_model(root / "tiny-llama", TinySpec(num_kv_heads=2))
+    config = json.loads((path / "config.json").read_text())
+    config.update(
+        model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True, mlp_bias=True
+    )
+    (path / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(path / "model.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    for name in [
+        n
+        for n in weights
+        if n.endswith(
+            ("o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "down_proj.weight")
+        )
+    ]:
+        rows = weights[name].shape[0]
+        weights[name.removesuffix("weight") + "bias"] = torch.randn(rows, generator=gen) * 0.5
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return ModelSource("tiny-llama", str(path), "llama")
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")
@@ -68,13 +98,16 @@ def _generate(
     return pool.run(rank_generate, source, request, reducer, GenerationOptions(**options))
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-heads-split", "kv-heads-replicated"])
+@pytest.mark.parametrize("model", ["kv-heads-split", "kv-heads-replicated", "llama-with-biases"])
 def test_tp_forward_equals_unsharded_transformers(
-    pool: RankPool, tiny_dir: Path, kv_heads: int
+    pool: RankPool, tiny_dir: Path, model: str
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _tiny(tiny_dir, kv_heads)
+    if model == "llama-with-biases":
+        source = _llama_with_biases(tiny_dir)
+    else:
+        source = _tiny(tiny_dir, 2 if model == "kv-heads-split" else 1)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     reference = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
@@ -96,6 +129,47 @@ def test_tp_forward_equals_unsharded_transformers(
         want = out[0, len(prompt_ids) :].tolist()
         for batch in batches:
             assert batch.generations[row].tokens.tolist() == want, (batch.rank, PROMPTS[row])
+
+
+def _expected_stop(tokenizer: Any, tokens: list[int], stop: str) -> tuple[list[int], str]:
+    """What generation must return when `stop` ends it: the fewest tokens whose text holds
+    the stop string, and that text cut before it."""
+    for n in range(1, len(tokens) + 1):
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        if stop in text:
+            return tokens[:n], text[: text.index(stop)]
+    return tokens, tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_stop_strings_end_every_rank_at_the_same_token(pool: RankPool, tiny_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    source = _tiny(tiny_dir / "stop", 2)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    free = _generate(pool, source, PROMPTS, torch_reducer, max_gen_toks=24, dtype="float32")
+    text = free[0].generations[0].text
+    # A character from the middle of the first sequence's text (in this byte-level model
+    # often one that takes two tokens, so the stop lands mid-character at first).
+    stop = next(c for c in text[3:] if c != "\ufffd" and not c.isspace())
+    stopped = _generate(
+        pool,
+        source,
+        PROMPTS,
+        torch_reducer,
+        max_gen_toks=24,
+        until=(stop,),
+        dtype="float32",
+        stop_check_interval=5,
+    )
+    for row, gen in enumerate(free[0].generations):
+        tokens, cut = _expected_stop(tokenizer, gen.tokens.tolist(), stop)
+        for batch in stopped:
+            got = batch.generations[row]
+            assert (got.tokens.tolist(), got.text) == (tokens, cut), (batch.rank, row)
+    assert stopped[0].generations[0].finish == "stop"
+    if all(g.finish == "stop" for g in stopped[0].generations):
+        # every sequence stopped: the batch ended early, on every rank alike
+        assert stopped[0].decode_steps == stopped[1].decode_steps < free[0].decode_steps
 
 
 def _run(batches: list[GenerationBatch]) -> GSM8KRun:
@@ -162,3 +236,36 @@ def test_the_same_reducer_gives_identical_generations(
     )
     assert again.token_identical is True
     assert again.agreement == 1.0
+
+
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+
+
+@pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason=f"no GSM8K data at {GSM8K}")
+def test_tiny_model_end_to_end_on_the_pool(pool: RankPool, tmp_path: Path) -> None:
+    source = prepare_model_source("tiny", tmp_path / "models")
+    options = GenerationOptions(dtype="float32")
+
+    def generate(prompts: list[str], until: list[str], max_gen_toks: int) -> list[GenerationBatch]:
+        request = GenerationRequest(tuple(prompts), tuple(until), max_gen_toks)
+        return pool.run(rank_generate, source, request, torch_reducer, options)
+
+    runs = [
+        run_gsm8k(
+            PoolLM(generate, batch_size=2),
+            data_dir=GSM8K,
+            cache_dir=tmp_path / "datasets",
+            limit=3,
+            num_fewshot=1,
+            max_gen_toks=16,
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.n == 3 and not run.rank_mismatches
+        for q in run.questions:
+            assert q.tokens is not None and q.top_ids is not None
+            assert 1 <= len(q.tokens) <= 16 and q.top_ids.shape == (len(q.tokens), 5)
+            assert "Question:" not in q.response
+    result = compare_runs(runs[0], runs[1])
+    assert result.token_identical and result.agreement == 1.0

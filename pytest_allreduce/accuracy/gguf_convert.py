@@ -213,22 +213,22 @@ def convert_gguf(gguf_path: Path, cache_dir: Path, workers: int | None = None) -
         return Conversion(final, sha, 0.0, True)
 
     started = time.perf_counter()
+    # The header is read (and refused, if need be) before any process starts or any file is
+    # written.
+    specs, config = _read_header(gguf_path)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(cache_dir) / f".tmp-gguf-{sha[:16]}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     workers = max(1, workers or os.cpu_count() or 1)
     try:
+        groups = _balanced({s.name: s.n_bytes for s in specs}, workers)
+        by_name = {s.name: s for s in specs}
+        files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             # transformers parses the whole header again for the tokenizer, the slowest
             # single job: it starts first and runs while the tensors convert.
             tokenizer = pool.submit(_save_tokenizer, gguf_path, tmp)
-            specs, config = _read_header(gguf_path)
-            groups = _balanced({s.name: s.n_bytes for s in specs}, workers)
-            by_name = {s.name: s for s in specs}
-            files = [
-                f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
-            ]
             parts = [
                 pool.submit(_convert_part, str(gguf_path), [by_name[n] for n in g], str(tmp / f))
                 for g, f in zip(groups, files, strict=True)
