@@ -28,7 +28,7 @@ from pytest_allreduce.accuracy.generate import (
     rank_generate,
     rank_logits,
 )
-from pytest_allreduce.accuracy.gsm8k import PoolLM, run_gsm8k
+from pytest_allreduce.accuracy.gsm8k import PoolLM, pool_generate, run_gsm8k
 from pytest_allreduce.accuracy.records import GSM8KRun, QuestionResult
 from pytest_allreduce.accuracy.reducers import ReducerFactory, torch_reducer
 from pytest_allreduce.accuracy.source import ModelSource, prepare_model_source
@@ -244,12 +244,7 @@ GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 @pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason=f"no GSM8K data at {GSM8K}")
 def test_tiny_model_end_to_end_on_the_pool(pool: RankPool, tmp_path: Path) -> None:
     source = prepare_model_source("tiny", tmp_path / "models")
-    options = GenerationOptions(dtype="float32")
-
-    def generate(prompts: list[str], until: list[str], max_gen_toks: int) -> list[GenerationBatch]:
-        request = GenerationRequest(tuple(prompts), tuple(until), max_gen_toks)
-        return pool.run(rank_generate, source, request, torch_reducer, options)
-
+    generate = pool_generate(pool, source, torch_reducer, GenerationOptions(dtype="float32"))
     runs = [
         run_gsm8k(
             PoolLM(generate, batch_size=2),

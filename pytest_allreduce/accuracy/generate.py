@@ -3,8 +3,9 @@
 One batch is prefilled a few prompts at a time (prompts packed into one forward up to a token
 budget, eager), then decoded together with a static KV cache. On CUDA the decode step is
 captured in a CUDA graph per (batch size, cache length) under the reducer's capture hooks and
-replayed, as servers run decode. Prompts are left-aligned to end at the same cache slot, so
-every decode step writes one shared slot and only the mask and positions differ per row.
+replayed, as servers run decode. Prompts are placed to end at the same cache slot (padded on
+the left), so every decode step writes one shared slot and only the mask and positions differ
+per row.
 
 Ranks must enter the same number of collectives, so whether a sequence has finished is
 decided by rank 0 (stop strings, EOS, length) and broadcast every few steps; no rank acts on
@@ -54,9 +55,11 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationOptions:
+    """How a batch is generated. Rows per reduce: the batch size in decode; in prefill the
+    packed prompts' tokens, at most max(prefill_tokens, the longest prompt)."""
+
     dtype: str = "bfloat16"
-    # Most prompt tokens packed into one prefill forward (rows per reduce in prefill); a
-    # longer prompt is prefilled alone.
+    # Most prompt tokens packed into one prefill forward; a longer prompt is prefilled alone.
     prefill_tokens: int = 2048
     # Decode steps between two stop decisions (each one is a host sync and a broadcast).
     stop_check_interval: int = 16
@@ -65,6 +68,13 @@ class GenerationOptions:
     # The KV cache length is rounded up to a multiple of this, so batches of the same size
     # reuse one captured graph.
     cache_granularity: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_tokens", "stop_check_interval", "top_k", "cache_granularity"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
 
 
 @dataclass
@@ -212,7 +222,7 @@ class _GraphCache:
     since a graph has that reducer's buffers baked in."""
 
     reducer: ReduceAddNorm
-    states: dict[tuple[int, int], _DecodeState] = field(default_factory=dict)
+    states: dict[tuple[int, int, int], _DecodeState] = field(default_factory=dict)
     pool: Any = None
 
 
@@ -223,7 +233,7 @@ def _state_for(
     if cache is None or cache.reducer is not reducer:
         cache = _GraphCache(reducer)
         ctx.cache[_GRAPHS_KEY] = cache
-    key = (batch, length)
+    key = (batch, length, top_k)
     if key not in cache.states:
         cache.states[key] = _DecodeState.allocate(model, batch, length, top_k)
     return cache.states[key]
@@ -342,9 +352,10 @@ class _StopScanner:
                 end, reason = i + 1, "eos"
                 break
         if self.until and self.has_stop(tokens[:end]):
-            for n in range(scanned + 1, end + 1):
-                if self.has_stop(tokens[:n]):
-                    return n, "stop"
+            # Text only grows at its end as tokens are added, so the first prefix that holds
+            # a stop string lies beyond the part scanned before.
+            n = next((n for n in range(scanned + 1, end) if self.has_stop(tokens[:n])), end)
+            return n, "stop"
         return (end, reason) if reason else None
 
 

@@ -11,15 +11,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from lm_eval.api.model import LM
 
+from .generate import (
+    Generation,
+    GenerationBatch,
+    GenerationOptions,
+    GenerationRequest,
+    rank_generate,
+)
 from .records import GSM8KRun, QuestionResult
-
-if TYPE_CHECKING:
-    from .generate import Generation, GenerationBatch
+from .reducers import ReducerFactory
+from .source import ModelSource
 
 # lm-eval's fixed seed for drawing few-shot examples (its simple_evaluate default), so every
 # run of a question sees the same examples.
@@ -29,11 +35,30 @@ FLEXIBLE = "flexible-extract"
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for models whose task sets none
 
 # (prompts, stop strings, max new tokens) -> one GenerationBatch per rank, in rank order.
-GenerateFn = Callable[[list[str], list[str], int], list["GenerationBatch"]]
+GenerateFn = Callable[[list[str], list[str], int], list[GenerationBatch]]
 
 
 class GSM8KUnavailable(RuntimeError):
     """The GSM8K data cannot be read (missing files, or lm-eval's dataset unreachable)."""
+
+
+def pool_generate(
+    executor: Any,
+    source: ModelSource,
+    reducer_factory: ReducerFactory,
+    options: GenerationOptions | None = None,
+    timeout: float | None = None,
+) -> GenerateFn:
+    """A `generate` for PoolLM that runs rank_generate on every rank of `executor` (a
+    RankPool, or anything with its `run(fn, *args, timeout=...)`)."""
+
+    def generate(prompts: list[str], until: list[str], max_gen_toks: int) -> list[GenerationBatch]:
+        request = GenerationRequest(tuple(prompts), tuple(until), max_gen_toks)
+        return executor.run(
+            rank_generate, source, request, reducer_factory, options, timeout=timeout
+        )
+
+    return generate
 
 
 def rank_mismatch(per_rank: Sequence[Generation]) -> str | None:

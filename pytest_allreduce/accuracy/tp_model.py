@@ -127,13 +127,14 @@ class TPModel:
 
         with Checkpoint(model_dir) as ckpt:
 
-            def get(name: str, rows: slice | None = None, cols: slice | None = None):
+            def get(
+                name: str, rows: slice | None = None, cols: slice | None = None
+            ) -> torch.Tensor:
                 return ckpt.read(name, rows, cols).to(device=device, dtype=dtype)
 
-            def get_bias(name: str, present: bool, rows: slice | None = None):
-                if not present:
-                    return None
-                return get(name, rows)
+            def row_parallel_bias(name: str, present: bool) -> torch.Tensor | None:
+                # The ranks' partial outputs are summed, so the bias must join only one of them.
+                return get(name) if present and rank == 0 else None
 
             layers = []
             for i in range(config.num_layers):
@@ -147,7 +148,6 @@ class TPModel:
                 gate_up_bias = None
                 if config.mlp_bias:
                     gate_up_bias = torch.cat([get(f"{n}.bias", layout.ffn) for n in mlp])
-                first = rank == 0
                 layers.append(
                     LayerShard(
                         input_norm=get(f"{p}input_layernorm.weight"),
@@ -155,11 +155,11 @@ class TPModel:
                         qkv_weight=torch.cat([get(f"{n}.weight", s) for n, s in attn]),
                         qkv_bias=qkv_bias,
                         o_weight=get(f"{p}self_attn.o_proj.weight", cols=q),
-                        o_bias=get_bias(f"{p}self_attn.o_proj.bias", config.o_bias and first),
+                        o_bias=row_parallel_bias(f"{p}self_attn.o_proj.bias", config.o_bias),
                         gate_up_weight=torch.cat([get(f"{n}.weight", layout.ffn) for n in mlp]),
                         gate_up_bias=gate_up_bias,
                         down_weight=get(f"{p}mlp.down_proj.weight", cols=layout.ffn),
-                        down_bias=get_bias(f"{p}mlp.down_proj.bias", config.mlp_bias and first),
+                        down_bias=row_parallel_bias(f"{p}mlp.down_proj.bias", config.mlp_bias),
                     )
                 )
             embed = get("model.embed_tokens.weight")
