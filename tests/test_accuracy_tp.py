@@ -258,6 +258,8 @@ def test_tiny_model_end_to_end_on_the_pool(pool: RankPool, tmp_path: Path) -> No
     ]
     for run in runs:
         assert run.n == 3 and not run.rank_mismatches
+        assert [b.rows for b in run.batches] == [2, 1]
+        assert all(b.graph_buffers_registered == ((), ()) for b in run.batches)  # no graphs on CPU
         for q in run.questions:
             assert q.tokens is not None and q.top_ids is not None
             assert 1 <= len(q.tokens) <= 16 and q.top_ids.shape == (len(q.tokens), 5)

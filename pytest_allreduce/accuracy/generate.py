@@ -376,7 +376,7 @@ def _cut_at_stop(text: str, until: tuple[str, ...]) -> str:
 # ---- the rank function ------------------------------------------------------------------------
 
 
-def generate(
+def _generate_batch(
     ctx: RankContext,
     loaded: _Loaded,
     request: GenerationRequest,
@@ -415,29 +415,26 @@ def generate(
     started = time.perf_counter()
     registered: list[int] = []
     scanner = _StopScanner(tokenizer, request.until, loaded.eos_ids)
-    host_tokens: list[list[int]] = [[] for _ in range(batch)]
+    host_tokens: list[list[int]] = [[] for _ in range(batch)]  # rank 0 only
     finish: list[tuple[int, str] | None] = [None] * batch
     step = 1
     while True:
         if step % options.stop_check_interval == 0 or step == steps:
-            fresh = hist_ids[:, len(host_tokens[0]) : step, 0].tolist()
             decided: list[tuple[int, str] | None] | None = None
             if ctx.rank == 0:
+                fresh = hist_ids[:, len(host_tokens[0]) : step, 0].tolist()
                 for row, new in enumerate(fresh):
                     scanned = len(host_tokens[row])
                     host_tokens[row].extend(new)
                     if finish[row] is None:
                         finish[row] = scanner.scan(host_tokens[row], scanned)
                 decided = finish
-            else:
-                for row, new in enumerate(fresh):
-                    host_tokens[row].extend(new)
             finish = _broadcast_from_rank0(ctx, decided)
             if all(f is not None for f in finish) or step == steps:
                 break
-        if use_graph and state.graph is None:
-            registered.append(_capture(ctx, model, state, reducer, _graph_pool(ctx)))
-        if state.graph is not None:
+        if use_graph:
+            if state.graph is None:
+                registered.append(_capture(ctx, model, state, reducer, _graph_pool(ctx)))
             state.graph.replay()
         else:
             _decode_step(model, state, reducer)
@@ -495,7 +492,7 @@ def rank_generate(
     loaded = _load(ctx, source, getattr(torch, options.dtype))
     reducer = reducer_factory(ctx)
     with torch.inference_mode():
-        return generate(ctx, loaded, request, reducer, options)
+        return _generate_batch(ctx, loaded, request, reducer, options)
 
 
 def rank_logits(

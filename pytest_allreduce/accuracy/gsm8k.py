@@ -23,7 +23,7 @@ from .generate import (
     GenerationRequest,
     rank_generate,
 )
-from .records import GSM8KRun, QuestionResult
+from .records import BatchStats, GSM8KRun, QuestionResult
 from .reducers import ReducerFactory
 from .source import ModelSource
 
@@ -87,8 +87,9 @@ class PoolLM(LM):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.generate = generate
         self.batch_size = batch_size
-        # doc_id -> every rank's generation of that question
+        # doc_id -> every rank's generation of that question (one PoolLM per run)
         self.generations: dict[int, list[Generation]] = {}
+        self.batch_stats: list[BatchStats] = []
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         settings: dict[tuple[tuple[str, ...], int], list[int]] = {}
@@ -102,6 +103,17 @@ class PoolLM(LM):
                 chunk = ordered[lo : lo + self.batch_size]
                 prompts = [requests[i].args[0] for i in chunk]
                 per_rank = self.generate(prompts, list(until), max_gen_toks)
+                first = per_rank[0]
+                self.batch_stats.append(
+                    BatchStats(
+                        len(chunk),
+                        first.prefill_forwards,
+                        first.decode_steps,
+                        first.prefill_s,
+                        first.decode_s,
+                        tuple(tuple(b.graph_buffers_registered) for b in per_rank),
+                    )
+                )
                 for pos, i in enumerate(chunk):
                     gens = [batch.generations[pos] for batch in per_rank]
                     texts[i] = gens[0].text
@@ -213,4 +225,5 @@ def run_gsm8k(
         float(scores[f"exact_match,{FLEXIBLE}"]),
         seconds,
         mismatches,
+        list(getattr(lm, "batch_stats", [])),
     )

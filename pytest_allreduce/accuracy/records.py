@@ -23,6 +23,20 @@ class QuestionResult:
     top_logprobs: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class BatchStats:
+    """One generation batch of an in-process run, as rank 0 timed it."""
+
+    rows: int
+    prefill_forwards: int
+    decode_steps: int
+    prefill_s: float
+    decode_s: float
+    # Per rank, what reducer.after_capture() returned after each CUDA-graph capture; ranks
+    # that registered different numbers of graph buffers disagree about the graphs.
+    graph_buffers_registered: tuple[tuple[int, ...], ...]
+
+
 @dataclass
 class GSM8KRun:
     questions: list[QuestionResult]
@@ -31,6 +45,7 @@ class GSM8KRun:
     seconds: float
     # Where a rank's tokens differed from rank 0's (in-process runs); empty when all agree.
     rank_mismatches: list[str] = field(default_factory=list)
+    batches: list[BatchStats] = field(default_factory=list)  # in-process runs only
 
     @property
     def n(self) -> int:
