@@ -287,13 +287,15 @@ def _packed_forward(
         if store is not None:
             for i, (lo, hi) in enumerate(pairwise(offsets)):
                 store(layer, i, k[lo:hi], v[lo:hi])
+        # Each KV head repeated for its query heads: exact, and unlike enable_gqa it leaves
+        # every SDPA kernel eligible.
+        group = q.shape[1] // k.shape[1]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
-            k.transpose(0, 1).unsqueeze(0),
-            v.transpose(0, 1).unsqueeze(0),
+            k.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0),
+            v.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0),
             attn_mask=mask,
             is_causal=mask is None,
-            enable_gqa=True,
         )
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
