@@ -9,6 +9,7 @@ that name the path, or read a file only once it is known to be a bounded regular
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -160,6 +161,9 @@ def _nearest_existing(path: Path) -> tuple[Path, os.stat_result]:
             return candidate, os.stat(candidate)
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:  # too long: said by _length_problem
+                raise
     raise FileNotFoundError(f"no ancestor of {path} exists")
 
 

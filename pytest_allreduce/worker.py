@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -119,16 +119,22 @@ def is_collective_failure(error: BaseException) -> bool:
     return False
 
 
+def _abandon(pool_dir: str) -> NoReturn:
+    """The pytest process is gone: remove the pool's temp dir, which it could not, and exit
+    (every rank that notices does so; the sweep at the next start covers a rank that could
+    not, such as one aborted by its collective library)."""
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    os._exit(70)
+
+
 def _exit_when_orphaned(lifeline: int, pool_dir: str) -> None:
     # A rank must not outlive its pytest process, even when stuck in a collective. The pool
     # holds the other end of the rank's pipe; the kernel reports a hang-up once the pytest
-    # process is gone (polling with no events asks for exactly that). The last rank standing
-    # removes the pool's temp dir, which a killed pytest could not.
+    # process is gone (polling with no events asks for exactly that).
     poller = select.poll()
     poller.register(lifeline, 0)
     poller.poll()
-    shutil.rmtree(pool_dir, ignore_errors=True)
-    os._exit(70)
+    _abandon(pool_dir)
 
 
 def rank_main(spec: RankSpec, conn: Connection) -> None:
@@ -168,7 +174,7 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            os._exit(0)  # the pool is gone; nothing left to clean up for
+            _abandon(spec.pool_dir)
         if message is STOP:
             break
         call_id, fn, args = message
@@ -179,7 +185,9 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
             reply = (call_id, outcome, traceback.format_exc())
         try:
             conn.send(reply)
-        except Exception:
+        except OSError:
+            _abandon(spec.pool_dir)
+        except Exception:  # the result could not be pickled
             conn.send((call_id, "raised", traceback.format_exc()))
 
     try:
