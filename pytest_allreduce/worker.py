@@ -1,8 +1,8 @@
 """The rank side: process-group set-up and the loop a pool rank runs.
 
 A rank initialises its process group once, then runs every function the pool sends it with
-its RankContext until told to stop. This module must stay importable without CUDA: the pool's
-fork server imports it once, and every rank is forked from there.
+its RankContext until told to stop. This module must stay importable without CUDA and must
+not initialise it: the pool's fork server imports it once and forks every rank from there.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _exit_when_orphaned(lifeline: int, pool_dir: str) -> None:
 
 
 def rank_main(spec: RankSpec, conn: Connection) -> None:
-    """Entry point of one pool rank (forked by the pool's fork server)."""
+    """Entry point of one pool rank (forked by the fork server, or spawned)."""
     # The fork server's environment is the one pytest had when the server started;
     # the pool's may differ since (tests set variables), so it is replaced as a whole.
     os.environ.clear()
