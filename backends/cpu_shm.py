@@ -10,13 +10,16 @@ until every counter reaches g, and sums all slots of the set in rank order (so e
 gets bit-identical results). Two slot sets make one wait per call enough: a rank can only
 overwrite set g % 2 again at call g + 2, after every peer has arrived at call g + 1, which
 each did only after finishing its reads of call g.
+
+The mapping is a memfd: it has no name in /dev/shm or anywhere else, and the kernel frees it
+when the last rank holding it exits, however it exits. Rank 0 creates it; the others open it
+through rank 0's /proc/<pid>/fd entry, which the kernel lets only this user's processes do.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 import time
 from typing import TYPE_CHECKING
 
@@ -29,7 +32,6 @@ if TYPE_CHECKING:
 
 _COUNTER_STRIDE = 64  # one cache line per rank, so counters never share a line
 _SLOT_ALIGN = 64
-_SHM_DIR = "/dev/shm"
 
 
 class CpuShmBackend(Backend):
@@ -48,6 +50,8 @@ class CpuShmBackend(Backend):
 
     @classmethod
     def probe(cls, ctx: RankContext, variant: str) -> str | None:
+        if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+            return "needs Linux (memfd_create and /proc/<pid>/fd)"
         if ctx.local_world_size != ctx.world_size:
             return (
                 f"ranks span several hosts (LOCAL_WORLD_SIZE={ctx.local_world_size}, "
@@ -64,22 +68,22 @@ class CpuShmBackend(Backend):
         header = ws * _COUNTER_STRIDE
         size = header + 2 * ws * slot
 
-        path = None
-        if self.ctx.rank == 0:
-            where = _SHM_DIR if os.path.isdir(_SHM_DIR) else None
-            fd, path = tempfile.mkstemp(prefix="pytest-allreduce-shm-", dir=where)
-            os.ftruncate(fd, size)
-            os.close(fd)
-        path = self.ctx.all_gather_object(path)[0]
-        fd = os.open(path, os.O_RDWR)
+        fd = -1
         try:
+            where = None
+            if self.ctx.rank == 0:
+                fd = os.memfd_create("pytest-allreduce-cpu-shm", os.MFD_CLOEXEC)
+                os.ftruncate(fd, size)
+                where = f"/proc/{os.getpid()}/fd/{fd}"
+            where = self.ctx.all_gather_object(where)[0]
+            if self.ctx.rank != 0:
+                fd = os.open(where, os.O_RDWR | os.O_CLOEXEC)
             self._map = mmap.mmap(fd, size)
+            # Rank 0's descriptor is the others' way in: it stays open until all have mapped.
+            self.ctx.barrier()
         finally:
-            os.close(fd)
-        # Every rank has mapped it: the name can go, so a crash leaves nothing in /dev/shm.
-        self.ctx.barrier()
-        if self.ctx.rank == 0:
-            os.unlink(path)
+            if fd >= 0:
+                os.close(fd)
 
         raw = torch.frombuffer(self._map, dtype=torch.uint8)
         self._counters = raw[:header].view(torch.int64)[:: _COUNTER_STRIDE // 8]

@@ -37,7 +37,10 @@ class RankContext:
 
     `group` is the collective group of the device (gloo on the CPU, NCCL on CUDA);
     `cpu_group` is a gloo group for CPU-side exchanges (IPC handles, votes, timings), which
-    on the CPU is the same group.
+    on the CPU is the same group. `timeout_s` bounds any wait for peers inside a rank (the
+    groups' own timeout, a backend's spin on a flag): it is longer than the pool's bounds,
+    so a stuck call is reported by the pool, with every rank's stack, before any rank gives
+    up on its own.
     """
 
     rank: int

@@ -2,18 +2,23 @@
 
 Every option is also an ini key (the option name without the leading dashes, `_` for `-`).
 The command line wins over the ini file, which wins over the default. A bad value is a
-pytest usage error (exit status 4) naming the option and what is allowed.
+pytest usage error (exit status 4) naming the option and what is allowed, raised before
+anything is written: numbers are bounded (bounds.py says why each bound), paths are checked
+for what will be done with them (paths.py), and a baseline is read and validated in full.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
+
+from . import bounds
+from .paths import UnusableFile, output_dir_problem, output_file_problem, read_regular_file
 
 T = TypeVar("T")
 
@@ -21,6 +26,14 @@ DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("float32", "float16", "bfloat16")
 # SGLang's tuner default: [1, 2] + range(32, 512, 8).
 DEFAULT_BATCH_SIZES = "1,2,32:504:8"
+DEFAULT_TIMEOUT_S = 120.0
+# Starting a pool imports torch in a fork server and rendezvouses every rank; on a loaded
+# host (load average 4-12 on 2 cores) that took over 20 s, on a GPU host NCCL's set-up adds
+# more. Start-up has its own bound so that a short call bound does not make it fail.
+DEFAULT_STARTUP_TIMEOUT_S = 300.0
+# A baseline of every backend, size, job and dtype with its raw samples is tens of MB; the
+# bound stops a device or a huge file from being read into memory, never a real baseline.
+MAX_BASELINE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,15 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
         "where artifacts go (default: allreduce-results)",
     ),
     OptionSpec(
-        "allreduce-timeout", "120", "bound in seconds on any one distributed call (default: 120)"
+        "allreduce-timeout",
+        f"{DEFAULT_TIMEOUT_S:g}",
+        f"bound in seconds on any one distributed call (default: {DEFAULT_TIMEOUT_S:g})",
+    ),
+    OptionSpec(
+        "allreduce-startup-timeout",
+        f"{DEFAULT_STARTUP_TIMEOUT_S:g}",
+        "bound in seconds on starting a process group's ranks "
+        f"(default: {DEFAULT_STARTUP_TIMEOUT_S:g})",
     ),
     OptionSpec("allreduce-baseline", None, "gate latency against this baseline file"),
     OptionSpec("allreduce-save-baseline", None, "write this session's latencies as a baseline"),
@@ -89,6 +110,7 @@ class Options:
     timeout_s: float
     baseline: Path | None
     save_baseline: Path | None
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -124,45 +146,85 @@ def parse_options(config: pytest.Config) -> Options:
         try:
             return parse(text)  # type: ignore[arg-type]
         except ValueError as exc:
-            raise pytest.UsageError(f"{source}={text!r}: {exc}") from None
+            raise pytest.UsageError(f"{source}={_shown(text)}: {exc}") from None
 
-    def optional_path(name: str) -> Path | None:
-        text = raw[name][1]
-        return None if text in (None, "") else Path(text)
-
-    baseline = optional_path("allreduce-baseline")
-    if baseline is not None and not baseline.is_file():
-        source = raw["allreduce-baseline"][0]
-        raise pytest.UsageError(f"{source}={str(baseline)!r}: no such baseline file")
+    def optional(name: str, parse: Callable[[str], T]) -> T | None:
+        return None if raw[name][1] is None else get(name, parse)
 
     return Options(
         backends=get("allreduce-backends", parse_backend_list),
         device=get("allreduce-device", lambda t: parse_choice(t, DEVICES)),
-        world_sizes=get("allreduce-world-sizes", parse_int_list),
-        hidden_sizes=get("allreduce-hidden-sizes", parse_int_list),
-        batch_sizes=get("allreduce-batch-sizes", parse_int_list),
+        world_sizes=get(
+            "allreduce-world-sizes", lambda t: parse_int_list(t, bounds.MAX_WORLD_SIZE)
+        ),
+        hidden_sizes=get(
+            "allreduce-hidden-sizes", lambda t: parse_int_list(t, bounds.MAX_HIDDEN_SIZE)
+        ),
+        batch_sizes=get(
+            "allreduce-batch-sizes", lambda t: parse_int_list(t, bounds.MAX_BATCH_SIZE)
+        ),
         dtypes=get("allreduce-dtypes", parse_dtype_list),
-        output_dir=Path(get("allreduce-output-dir", parse_nonempty)),
-        timeout_s=get("allreduce-timeout", parse_timeout),
-        baseline=baseline,
-        save_baseline=optional_path("allreduce-save-baseline"),
+        output_dir=get("allreduce-output-dir", parse_output_dir),
+        timeout_s=get("allreduce-timeout", bounds.parse_seconds),
+        startup_timeout_s=get("allreduce-startup-timeout", bounds.parse_seconds),
+        baseline=optional("allreduce-baseline", parse_baseline),
+        save_baseline=optional("allreduce-save-baseline", parse_save_baseline),
     )
+
+
+def check_baseline_device(path: Path, device: str, device_name: str | None = None) -> None:
+    """Refuse a baseline recorded on another kind of device, as a usage error.
+
+    Call at configure time once the plan's device ('cuda' or 'cpu') is known, and again with
+    `device_name` (the artifact label, e.g. NVIDIA_H200) where it is known before tests run.
+    parse_options has already checked that the file is a valid baseline.
+    """
+    from .gate import BaselineError, load_baseline
+
+    try:
+        header, _ = load_baseline(path)
+    except BaselineError as exc:
+        raise pytest.UsageError(f"--allreduce-baseline={_shown(str(path))}: {exc}") from None
+    theirs = (header["device"], header["device_name"])
+    if theirs[0] != device or (device_name is not None and theirs[1] != device_name):
+        ours = device if device_name is None else f"{device_name} ({device})"
+        raise pytest.UsageError(
+            f"--allreduce-baseline={_shown(str(path))}: recorded on {theirs[1]} ({theirs[0]}), "
+            f"this session runs on {ours}; latencies are not comparable across devices: record "
+            "a baseline for this device with --allreduce-save-baseline"
+        )
 
 
 # ---- value parsers (ValueError messages say what is allowed) -------------------------------
 
 
+def _shown(text: str | None) -> str:
+    """An option value quoted for an error, cut short when long."""
+    if text is None or len(text) <= 80:
+        return repr(text)
+    return f"{text[:60]!r}... ({len(text)} characters)"
+
+
 def _items(text: str) -> list[str]:
-    items = [item.strip() for item in text.replace(" ", ",").split(",") if item.strip()]
-    if not items:
-        raise ValueError("empty list")
+    """Comma- or blank-separated items; an empty item ('2,,4', '2,') is an error."""
+    items: list[str] = []
+    parts = text.split(",")
+    for part in parts:
+        words = part.split()
+        if not words:
+            if len(parts) == 1:
+                raise ValueError("empty list")
+            raise ValueError("empty item in the list (two commas in a row, or one at an end)")
+        items += words
     return items
 
 
-def parse_nonempty(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text.strip()
+def _no_repeats(items: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"{item!r} is listed twice")
+        seen.add(item)
 
 
 def parse_choice(text: str, allowed: Sequence[str]) -> str:
@@ -172,33 +234,39 @@ def parse_choice(text: str, allowed: Sequence[str]) -> str:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{value} must be a positive integer")
-    return value
+def parse_int_list(text: str, high: int) -> tuple[int, ...]:
+    """'1,2,32:64:8' -> (1, 2, 32, 40, 48, 56, 64), each value 1..high, sorted.
 
-
-def parse_int_list(text: str) -> tuple[int, ...]:
-    """'1,2,32:64:8' -> (1, 2, 32, 40, 48, 56, 64): sorted, without duplicates."""
-    values: set[int] = set()
+    A value listed twice (also by overlapping ranges) is an error. A range's length is
+    computed from its ends before it is expanded, so a range of a billion values costs
+    nothing and is refused by the count bound.
+    """
+    values: dict[int, str] = {}
     for item in _items(text):
         if ":" in item:
             parts = item.split(":")
             if len(parts) not in (2, 3):
                 raise ValueError(f"range {item!r} must be a:b or a:b:step")
-            start, stop = _positive_int(parts[0]), _positive_int(parts[1])
-            step = _positive_int(parts[2]) if len(parts) == 3 else 1
+            start = bounds.parse_count(parts[0], high)
+            stop = bounds.parse_count(parts[1], high)
+            step = bounds.parse_count(parts[2], high) if len(parts) == 3 else 1
             if stop < start:
                 raise ValueError(
                     f"range {item!r} ends before it starts; a range is a:b or a:b:step with a <= b"
                 )
-            values.update(range(start, stop + 1, step))
+            members = range(start, stop + 1, step)
         else:
-            values.add(_positive_int(item))
+            value = bounds.parse_count(item, high)
+            members = range(value, value + 1)
+        if len(values) + len(members) > bounds.MAX_LIST_VALUES:
+            raise ValueError(
+                f"more than {bounds.MAX_LIST_VALUES} values (up to {item!r}); give fewer values "
+                "or a range with a larger step"
+            )
+        for value in members:
+            if value in values:
+                raise ValueError(f"{value} is listed twice (in {values[value]!r} and {item!r})")
+            values[value] = item
     return tuple(sorted(values))
 
 
@@ -208,8 +276,8 @@ def parse_dtype_list(text: str) -> tuple[str, ...]:
         name = item.removeprefix("torch.")
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {item!r}; allowed: {', '.join(DTYPES)}")
-        if name not in names:
-            names.append(name)
+        names.append(name)
+    _no_repeats(names)
     return tuple(names)
 
 
@@ -218,26 +286,39 @@ def parse_backend_list(text: str) -> tuple[str, ...]:
     items = _items(text)
     if "all" in items and len(items) > 1:
         raise ValueError("'all' cannot be combined with other names")
-    return tuple(dict.fromkeys(items))
+    _no_repeats(items)
+    return tuple(items)
 
 
-def parse_timeout(text: str) -> float:
+def parse_output_dir(text: str) -> Path:
+    if problem := output_dir_problem(text):
+        raise ValueError(problem)
+    return Path(text)
+
+
+def parse_baseline(text: str) -> Path:
+    """A readable, valid baseline file (its device is checked by check_baseline_device)."""
+    from .gate import BaselineError, load_baseline
+
+    if not text.strip():
+        raise ValueError("empty path; leave the option out to run without a baseline gate")
+    path = Path(text)
     try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError("must be a positive number of seconds")
-    return value
+        content = read_regular_file(path, MAX_BASELINE_BYTES)
+    except UnusableFile as exc:
+        if not os.path.lexists(text):
+            raise ValueError("no such baseline file") from None
+        raise ValueError(str(exc)) from None
+    if not content.strip():
+        raise ValueError(f"{path}: the baseline file is empty")
+    try:
+        load_baseline(path)
+    except BaselineError as exc:
+        raise ValueError(str(exc)) from None
+    return path
 
 
-def describe(options: Options) -> dict[str, Any]:
-    return {
-        "backends": list(options.backends),
-        "device": options.device,
-        "world_sizes": list(options.world_sizes),
-        "hidden_sizes": list(options.hidden_sizes),
-        "batch_sizes": list(options.batch_sizes),
-        "dtypes": list(options.dtypes),
-        "timeout_s": options.timeout_s,
-    }
+def parse_save_baseline(text: str) -> Path:
+    if problem := output_file_problem(text):
+        raise ValueError(problem)
+    return Path(text)

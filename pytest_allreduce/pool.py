@@ -1,42 +1,53 @@
 """RankPool: persistent ranks of one process group, and the in-process group under torchrun.
 
-A pool starts its ranks once (spawn method, torchrun's environment) and runs every function
-sent to it on every rank, returning every rank's result. Every wait is bounded: a call that
-outlasts its timeout is reported with every live rank's Python stack, a rank that dies is
-named with its signal, and in both cases the pool is broken and the session replaces it.
+A pool starts its ranks once and runs every function sent to it on every rank, returning
+every rank's result. The pool alone decides that a call failed: every wait inside a rank
+(the groups' own timeout, a backend's spin) is given longer than the pool's bounds, so a
+stuck call is always reported by the pool, with every live rank's Python stack. A pool that
+saw a rank die, a call outlast its bound, or a collective report an error is killed and
+never used again; the session starts a new one. Start-up has its own, longer bound.
+
+Ranks are forked from multiprocessing's fork server, which imports torch once for the whole
+session: replacing a pool costs a fork and a rendezvous per rank, not a torch import. The
+rendezvous is a file in the pool's private (0700) temp dir and gloo and NCCL bind to
+loopback, so nothing outside this host can reach a pool.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import multiprocessing.util
 import os
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
-import torch.multiprocessing as mp
+from . import leftovers
+from .options import DEFAULT_STARTUP_TIMEOUT_S
 
-from . import worker
-
-# After one rank fails, how long the others get to finish before they are presumed stuck in
-# a collective the failed rank never entered.
+# After one rank fails, how long the others get to finish (at most the call's bound) before
+# they are presumed stuck in a collective the failed rank never entered.
 FAILURE_GRACE_S = 5.0
+# How long a signalled rank gets to write its stacks (faulthandler writes them from the
+# signal handler, in milliseconds unless the host is overloaded).
 STACK_DUMP_WAIT_S = 1.0
+# How much longer than the pool's bounds a rank's own waits last: enough for the pool to
+# collect the stacks and kill the ranks even when the host is loaded.
+RANK_WAIT_MARGIN_S = 30.0
+_SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its NUL)
 
 
 class RankFailure(Exception):
     """A distributed call failed; the message is the whole report, rank by rank."""
 
-    def __init__(self, summary: str, sections: dict[int, str], pool_broken: bool) -> None:
-        self.summary = summary
-        self.sections = sections
-        self.pool_broken = pool_broken
+    def __init__(self, summary: str, sections: dict[int, str]) -> None:
         body = "\n".join(
             f"---- rank {r} ----\n{text.rstrip()}" for r, text in sorted(sections.items())
         )
@@ -49,17 +60,14 @@ class Executor(Protocol):
     world_size: int
     broken: bool
 
-    def run(
-        self, fn: Callable[..., Any], *args: Any, timeout: float | None = None
-    ) -> list[Any]: ...
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]: ...
 
     def close(self) -> None: ...
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def rank_wait_timeout(timeout_s: float, startup_timeout_s: float) -> float:
+    """The bound of waits inside ranks: after every bound of the pool (see the module doc)."""
+    return max(timeout_s, startup_timeout_s) + RANK_WAIT_MARGIN_S
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -73,6 +81,26 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
+def _rank_starter() -> BaseContext:
+    """The multiprocessing context ranks start from: the fork server, torch preloaded.
+
+    The fork server listens on a Unix socket in multiprocessing's temp dir, and a socket's
+    path holds at most 107 bytes: under a temp dir too long for that, ranks are spawned
+    (each imports torch itself, so a pool starts in seconds rather than a fraction of one).
+    """
+    # multiprocessing removes its temp dir at a normal exit; a killed pytest leaves it, so
+    # it is marked as ours for the next session's sweep.
+    leftovers.mark_multiprocessing_temp_dir()
+    temp_dir = multiprocessing.util.get_temp_dir()
+    if len(os.fsencode(temp_dir)) + len("/listener-12345678") > _SOCKET_PATH_MAX:
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # pytest too: a rank imports the modules of the functions it runs (test modules, suites)
+    # and, when pytest was started by its script, that script; all of them import pytest.
+    context.set_forkserver_preload(["pytest", "pytest_allreduce.worker"])
+    return context
+
+
 @dataclass
 class _Rank:
     rank: int
@@ -83,51 +111,60 @@ class _Rank:
 
 
 @dataclass
+class _Replies:
+    """What one wait for every rank's reply collected."""
+
+    results: dict[int, Any] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+    group_failed: set[int] = field(default_factory=set)
+    dead: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
 class RankPool:
     """Persistent ranks for one world size on this host."""
 
     world_size: int
     device_type: str
     timeout_s: float
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     _ranks: list[_Rank] = field(default_factory=list)
     _call_id: int = 0
     broken: bool = False
     _tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> RankPool:
-        context = mp.get_context("spawn")
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="pytest-allreduce-pool-")
-        port = free_port()
+        from . import worker
+
+        context = _rank_starter()
+        self._tmpdir = tempfile.TemporaryDirectory(prefix=leftovers.owned_prefix("pool"))
+        wait_timeout = rank_wait_timeout(self.timeout_s, self.startup_timeout_s)
+        environ = dict(os.environ)
         for rank in range(self.world_size):
             parent_conn, child_conn = context.Pipe()
             stack_path = Path(self._tmpdir.name) / f"rank{rank}.stacks"
             stack_path.touch()
-            process = context.Process(
+            spec = worker.RankSpec(
+                rank, self.world_size, self.device_type, wait_timeout, self._tmpdir.name, environ
+            )
+            process = context.Process(  # type: ignore[attr-defined]
                 target=worker.rank_main,
-                args=(
-                    rank,
-                    self.world_size,
-                    port,
-                    self.device_type,
-                    self.timeout_s,
-                    child_conn,
-                    str(stack_path),
-                    os.getpid(),
-                ),
+                args=(spec, child_conn),
                 name=f"allreduce-rank{rank}",
                 daemon=True,
             )
-            process.start()
-            child_conn.close()
+            try:
+                process.start()
+            except BaseException:
+                self.close(force=True)
+                raise
+            finally:
+                child_conn.close()
             self._ranks.append(_Rank(rank, process, parent_conn, stack_path))
-        try:
-            self._collect(expect=None, timeout=self.timeout_s, what="process-group start-up")
-        except RankFailure:
-            self.close()
-            raise
+        self._collect(None, self.startup_timeout_s, "process-group start-up")
         return self
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Run fn(ctx, *args) on every rank; every rank's return value, in rank order."""
         if self.broken:
             raise RuntimeError("this rank pool is broken; the session starts a new one")
@@ -136,16 +173,14 @@ class RankPool:
             # A dead rank is reported by _collect with its exit status.
             with contextlib.suppress(BrokenPipeError, OSError):
                 r.conn.send((self._call_id, fn, args))
-        name = getattr(fn, "__qualname__", repr(fn))
-        return self._collect(self._call_id, timeout or self.timeout_s, what=name)
+        return self._collect(self._call_id, self.timeout_s, getattr(fn, "__qualname__", repr(fn)))
 
     def _collect(self, expect: int | None, timeout: float, what: str) -> list[Any]:
         """Wait for one reply per rank. `expect` None means the start-up handshake."""
+        replies = _Replies()
+        grace = min(FAILURE_GRACE_S, timeout)
         deadline = time.monotonic() + timeout
         grace_deadline: float | None = None
-        results: dict[int, Any] = {}
-        errors: dict[int, str] = {}
-        dead: dict[int, str] = {}
         pending = {r.rank: r for r in self._ranks}
         while pending:
             limit = deadline if grace_deadline is None else min(deadline, grace_deadline)
@@ -158,88 +193,134 @@ class RankPool:
                 waitables[r.process.sentinel] = r
             for ready in wait(list(waitables), timeout=remaining):
                 r = waitables[ready]
-                if r.rank not in pending:
-                    continue
-                if r.conn.poll():
-                    try:
-                        message = r.conn.recv()
-                    except (EOFError, OSError):
-                        message = None
-                    if message is not None and self._accept(
-                        r.rank, message, expect, results, errors
-                    ):
-                        del pending[r.rank]
-                        continue
-                    if message is not None:
-                        continue  # a stale reply from an earlier, abandoned call
-                    r.process.join(timeout=2)  # end of pipe: the rank is going away
-                if not r.process.is_alive():
-                    r.process.join(timeout=1)
-                    dead[r.rank] = describe_exit(r.process.exitcode)
+                if r.rank in pending and self._receive(r, expect, replies):
                     del pending[r.rank]
-            if (errors or dead) and grace_deadline is None:
-                grace_deadline = time.monotonic() + FAILURE_GRACE_S
+            if (replies.errors or replies.dead) and grace_deadline is None:
+                grace_deadline = time.monotonic() + grace
 
-        if not (pending or errors or dead):
-            return [results[r] for r in range(self.world_size)]
+        if not (pending or replies.errors or replies.dead):
+            return [replies.results[r] for r in range(self.world_size)]
+        late = self._late_reports(pending, expect)
+        waited = timeout if grace_deadline is None else grace
+        self._fail(what, replies, late, waited, grace_deadline is not None, expect is None)
 
-        sections: dict[int, str] = {r: f"raised:\n{tb}" for r, tb in errors.items()}
-        for r, how in dead.items():
-            sections[r] = f"died: {how}"
-        if pending:
-            stacks = self._dump_stacks(list(pending))
-            for r in pending:
-                sections[r] = f"no reply: Python stacks of every thread:\n{stacks.get(r, '')}"
-        broken = bool(pending or dead)
-        parts = []
-        if dead:
-            parts.append(
-                "; ".join(f"rank {r} {how}" for r, how in sorted(dead.items())) + f" during {what}"
-            )
-        if errors:
-            parts.append(f"{what} raised on rank(s) {sorted(errors)}")
-        if pending:
-            waited = timeout if grace_deadline is None else FAILURE_GRACE_S
-            parts.append(
-                f"rank(s) {sorted(pending)} gave no reply to {what} within {waited:.0f} s"
-                + (" after the failure above" if grace_deadline is not None else "")
-            )
-        if broken:
-            parts.append("the rank pool was killed and will be replaced")
-            self.close(force=True)
-        raise RankFailure("; ".join(parts), sections, pool_broken=broken)
+    def _receive(self, r: _Rank, expect: int | None, replies: _Replies) -> bool:
+        """Take what rank `r` has for us; True once its part of this call is settled."""
+        if r.conn.poll():
+            try:
+                message = r.conn.recv()
+            except (EOFError, OSError):
+                message = None
+            if message is not None:
+                # Anything but this call's reply is a stale reply of an abandoned call.
+                return self._accept(r.rank, message, expect, replies)
+            r.process.join(timeout=2)  # end of pipe: the rank is going away
+        if not r.process.is_alive():
+            r.process.join(timeout=1)
+            replies.dead[r.rank] = describe_exit(r.process.exitcode)
+            return True
+        return False
 
     def _accept(
-        self,
-        rank: int,
-        message: tuple[Any, ...],
-        expect: int | None,
-        results: dict[int, Any],
-        errors: dict[int, str],
+        self, rank: int, message: tuple[Any, ...], expect: int | None, replies: _Replies
     ) -> bool:
         if expect is None:
             kind, payload = message
             if kind == "ready":
-                results[rank] = None
+                replies.results[rank] = None
             else:
-                errors[rank] = payload
+                replies.errors[rank] = payload
             return True
-        call_id, ok, payload = message
+        call_id, outcome, payload = message
         if call_id != expect:
             return False
-        if ok:
-            results[rank] = payload
+        if outcome == "ok":
+            replies.results[rank] = payload
         else:
-            errors[rank] = payload
+            replies.errors[rank] = payload
+            if outcome == "group_failed":
+                replies.group_failed.add(rank)
         return True
 
+    def _late_reports(self, pending: dict[int, _Rank], expect: int | None) -> dict[int, str]:
+        """For each rank that gave no reply in time: its stacks, and its reply if it came
+        while the stacks were written (so an error being reported as the bound ran out is
+        shown, not lost with the killed rank)."""
+        if not pending:
+            return {}
+        stacks = self._dump_stacks(list(pending))
+        reports = {}
+        for rank, r in pending.items():
+            text = f"no reply: Python stacks of every thread:\n{stacks[rank]}"
+            late = _Replies()
+            with contextlib.suppress(EOFError, OSError):
+                while r.conn.poll() and not self._accept(rank, r.conn.recv(), expect, late):
+                    pass
+            if rank in late.errors:
+                text += f"\nit raised just after the bound:\n{late.errors[rank]}"
+            elif rank in late.results:
+                text += "\nit replied just after the bound"
+            reports[rank] = text
+        return reports
+
+    def _fail(
+        self,
+        what: str,
+        replies: _Replies,
+        late: dict[int, str],
+        waited: float,
+        after_failure: bool,
+        starting: bool,
+    ) -> NoReturn:
+        sections: dict[int, str] = {r: f"raised:\n{tb}" for r, tb in replies.errors.items()}
+        for r, how in replies.dead.items():
+            sections[r] = f"died: {how}"
+        sections.update(late)
+        parts = []
+        if replies.dead:
+            deaths = "; ".join(f"rank {r} {how}" for r, how in sorted(replies.dead.items()))
+            parts.append(f"{deaths} during {what}")
+        if replies.errors:
+            parts.append(f"{what} raised on rank(s) {sorted(replies.errors)}")
+        if replies.group_failed:
+            parts.append(
+                f"the process group reported a collective error on rank(s) "
+                f"{sorted(replies.group_failed)}, so its state is unknown"
+            )
+        if late:
+            after = " after the failure above" if after_failure else ""
+            if starting:
+                parts.append(
+                    f"process-group start-up did not finish within {waited:g} s{after} "
+                    f"(rank(s) {sorted(late)} not ready; the bound is "
+                    "--allreduce-startup-timeout)"
+                )
+            else:
+                parts.append(
+                    f"rank(s) {sorted(late)} gave no reply to {what} within {waited:g} s{after}"
+                )
+        # Start-up failures, deaths, timeouts and collective errors all leave a group that
+        # cannot be trusted; only plain exceptions raised by the function keep the pool.
+        if late or replies.dead or replies.group_failed or starting:
+            parts.append("the rank pool was killed and will be replaced")
+            self.close(force=True)
+        raise RankFailure("; ".join(parts), sections)
+
     def _dump_stacks(self, ranks: list[int]) -> dict[int, str]:
-        alive = [r for r in self._ranks if r.rank in ranks and r.process.is_alive()]
-        for r in alive:
+        signalled = [r for r in self._ranks if r.rank in ranks and r.process.is_alive()]
+        for r in signalled:
             r.stack_offset = r.stack_path.stat().st_size
             with contextlib.suppress(ProcessLookupError):
                 os.kill(r.process.pid, signal.SIGUSR1)
-        time.sleep(STACK_DUMP_WAIT_S)
+        # Wait until every signalled rank's dump has started and stopped growing.
+        deadline = time.monotonic() + STACK_DUMP_WAIT_S
+        sizes: dict[int, int] = {}
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = {r.rank: r.stack_path.stat().st_size for r in signalled}
+            if all(now[r.rank] > r.stack_offset for r in signalled) and now == sizes:
+                break
+            sizes = now
         stacks = {}
         for r in self._ranks:
             if r.rank in ranks:
@@ -250,6 +331,8 @@ class RankPool:
 
     def close(self, force: bool = False) -> None:
         """Stop every rank: politely (teardown, bounded) unless forced, then by signal."""
+        from . import worker
+
         if not force and not self.broken:
             for r in self._ranks:
                 with contextlib.suppress(BrokenPipeError, OSError):
@@ -276,13 +359,23 @@ class InProcessGroup:
     Every rank runs the same tests; each call runs here and every rank's outcome is
     exchanged, so all ranks pass or fail a test together. A call that outlasts the timeout
     prints every thread's stack and ends this process (torchrun then stops the others):
-    there is no parent process here that could replace a stuck rank.
+    there is no parent process here that could replace a stuck rank. The groups' own
+    timeouts are longer, so that bound always fires first.
     """
 
-    def __init__(self, device_type: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        device_type: str,
+        timeout_s: float,
+        startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    ) -> None:
+        from . import worker
+
         self.device_type = device_type
         self.timeout_s = timeout_s
-        self.ctx = worker.init_rank_context(device_type, timeout_s)
+        self.ctx = worker.init_rank_context(
+            device_type, rank_wait_timeout(timeout_s, startup_timeout_s)
+        )
         self.world_size = self.ctx.world_size
         self.broken = False
 
@@ -290,11 +383,11 @@ class InProcessGroup:
     def rank(self) -> int:
         return self.ctx.rank
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         import faulthandler
         import traceback
 
-        faulthandler.dump_traceback_later(timeout or self.timeout_s, exit=True)
+        faulthandler.dump_traceback_later(self.timeout_s, exit=True)
         try:
             outcome: tuple[bool, Any] = (True, fn(self.ctx, *args))
         except BaseException:
@@ -306,8 +399,10 @@ class InProcessGroup:
         if errors:
             name = getattr(fn, "__qualname__", repr(fn))
             sections = {r: f"raised:\n{tb}" for r, tb in errors.items()}
-            raise RankFailure(f"{name} raised on rank(s) {sorted(errors)}", sections, False)
+            raise RankFailure(f"{name} raised on rank(s) {sorted(errors)}", sections)
         return [payload for _, payload in outcomes]
 
     def close(self) -> None:
+        from . import worker
+
         worker.close_rank_context(self.ctx)

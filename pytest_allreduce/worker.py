@@ -1,21 +1,26 @@
 """The rank side: process-group set-up and the loop a pool rank runs.
 
 A rank initialises its process group once, then runs every function the pool sends it with
-its RankContext until told to stop. This module must stay importable without CUDA.
+its RankContext until told to stop. This module must stay importable without CUDA and must
+not initialise it: the pool's fork server imports it once and forks every rank from there.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import re
+import select
+import shutil
 import signal
 import sys
 import threading
-import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -23,11 +28,38 @@ import torch.distributed as dist
 from .context import RankContext
 
 STOP = None  # the message that ends a rank's loop
+# Pool ranks share one host: gloo's and NCCL's sockets bind to loopback only, so nothing
+# outside the host can reach them (their rendezvous is a file, see rank_main).
+LOOPBACK_INTERFACE = "lo"
+# The text of errors that gloo, NCCL and the CUDA runtime raise as plain RuntimeErrors.
+# After one of them the group's state is unknown: a late message of the failed call could
+# be taken as the next call's data, and a CUDA error poisons the rank's context for good.
+_COLLECTIVE_ERROR_TEXT = re.compile(
+    r"gloo|nccl|ProcessGroup|CUDA error|Connection (closed|reset) by peer", re.IGNORECASE
+)
 
 
-def init_rank_context(device_type: str, timeout_s: float) -> RankContext:
-    """Initialise this process's groups from torchrun's environment variables.
+@dataclass(frozen=True)
+class RankSpec:
+    """What a pool rank is told when it starts."""
 
+    rank: int
+    world_size: int
+    device_type: str
+    # How long waits for peers inside the rank (gloo, NCCL, a backend's own spin) may last:
+    # longer than every bound of the pool, so that the pool, which can report every rank's
+    # stack and replace the group, always decides first.
+    wait_timeout_s: float
+    pool_dir: str  # private (0700): the rendezvous file and the stack dumps
+    environ: dict[str, str]  # the pytest process's environment when the pool started
+
+
+def init_rank_context(
+    device_type: str, wait_timeout_s: float, store: dist.Store | None = None
+) -> RankContext:
+    """Initialise this process's groups; RANK and WORLD_SIZE come from the environment.
+
+    `store` is the rendezvous (None: torchrun's, from MASTER_ADDR and MASTER_PORT).
     CUDA: an NCCL group bound to this rank's GPU (device_id makes NCCL create its
     communicator now, not lazily inside a CUDA-graph capture) plus a gloo group for CPU-side
     exchanges. CPU: one gloo group serves both.
@@ -36,18 +68,21 @@ def init_rank_context(device_type: str, timeout_s: float) -> RankContext:
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    timeout = timedelta(seconds=timeout_s)
+    timeout = timedelta(seconds=wait_timeout_s)
+    rendezvous: dict[str, Any] = (
+        {} if store is None else {"store": store, "rank": rank, "world_size": world_size}
+    )
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device, **rendezvous)
         cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     else:
         device = torch.device("cpu")
         # Ranks share the host's cores: without this each rank starts one thread per core
         # and they fight over them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", timeout=timeout, **rendezvous)
         cpu_group = dist.group.WORLD
     return RankContext(
         rank=rank,
@@ -57,7 +92,7 @@ def init_rank_context(device_type: str, timeout_s: float) -> RankContext:
         device=device,
         group=dist.group.WORLD,
         cpu_group=cpu_group,
-        timeout_s=timeout_s,
+        timeout_s=wait_timeout_s,
     )
 
 
@@ -70,42 +105,66 @@ def close_rank_context(ctx: RankContext) -> None:
         dist.destroy_process_group()
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
-    # A rank must not outlive its pytest process, even when stuck in a collective.
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent_pid:
-            os._exit(70)
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` (or one it was raised from) says the process group may be unusable."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (dist.DistError, torch.AcceleratorError, TimeoutError)):
+            return True
+        if isinstance(current, RuntimeError) and _COLLECTIVE_ERROR_TEXT.search(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
-def rank_main(
-    rank: int,
-    world_size: int,
-    master_port: int,
-    device_type: str,
-    timeout_s: float,
-    conn: Connection,
-    stack_path: str,
-    parent_pid: int,
-) -> None:
-    """Entry point of one pool rank (started with the spawn method)."""
+def _abandon(pool_dir: str) -> NoReturn:
+    """The pytest process is gone: remove the pool's temp dir, which it could not, and exit
+    (every rank that notices does so; the sweep at the next start covers a rank that could
+    not, such as one aborted by its collective library)."""
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    os._exit(70)
+
+
+def _exit_when_orphaned(lifeline: int, pool_dir: str) -> None:
+    # A rank must not outlive its pytest process, even when stuck in a collective. The pool
+    # holds the other end of the rank's pipe; the kernel reports a hang-up once the pytest
+    # process is gone (polling with no events asks for exactly that).
+    poller = select.poll()
+    poller.register(lifeline, 0)
+    poller.poll()
+    _abandon(pool_dir)
+
+
+def rank_main(spec: RankSpec, conn: Connection) -> None:
+    """Entry point of one pool rank (forked by the fork server, or spawned)."""
+    # The fork server's environment is the one pytest had when the server started;
+    # the pool's may differ since (tests set variables), so it is replaced as a whole.
+    os.environ.clear()
+    os.environ.update(spec.environ)
     os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
+        RANK=str(spec.rank),
+        LOCAL_RANK=str(spec.rank),
+        WORLD_SIZE=str(spec.world_size),
+        LOCAL_WORLD_SIZE=str(spec.world_size),
         GROUP_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(master_port),
+        GLOO_SOCKET_IFNAME=LOOPBACK_INTERFACE,
+        NCCL_SOCKET_IFNAME=LOOPBACK_INTERFACE,
     )
-    stack_file = open(stack_path, "w")  # noqa: SIM115 - lives as long as the process
+    stack_file = open(Path(spec.pool_dir, f"rank{spec.rank}.stacks"), "w")  # noqa: SIM115
     # The pool sends SIGUSR1 when a call times out: every thread's Python stack goes to the
     # file, even when the main thread is blocked inside a C++ collective.
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    threading.Thread(
+        target=_exit_when_orphaned, args=(conn.fileno(), spec.pool_dir), daemon=True
+    ).start()
 
     try:
-        ctx = init_rank_context(device_type, timeout_s)
+        # A file in the pool's private dir, not a TCP store: a TCP store listens on every
+        # interface, a file is reachable only by this user on this host.
+        store = dist.FileStore(str(Path(spec.pool_dir, "rendezvous")), spec.world_size)
+        ctx = init_rank_context(spec.device_type, spec.wait_timeout_s, store)
     except BaseException:
         conn.send(("init_failed", traceback.format_exc()))
         return
@@ -115,18 +174,21 @@ def rank_main(
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            os._exit(0)  # the pool is gone; nothing left to clean up for
+            _abandon(spec.pool_dir)
         if message is STOP:
             break
         call_id, fn, args = message
         try:
-            reply: tuple[Any, ...] = (call_id, True, fn(ctx, *args))
-        except BaseException:
-            reply = (call_id, False, traceback.format_exc())
+            reply: tuple[Any, ...] = (call_id, "ok", fn(ctx, *args))
+        except BaseException as error:
+            outcome = "group_failed" if is_collective_failure(error) else "raised"
+            reply = (call_id, outcome, traceback.format_exc())
         try:
             conn.send(reply)
-        except Exception:
-            conn.send((call_id, False, traceback.format_exc()))
+        except OSError:
+            _abandon(spec.pool_dir)
+        except Exception:  # the result could not be pickled
+            conn.send((call_id, "raised", traceback.format_exc()))
 
     try:
         close_rank_context(ctx)
