@@ -21,7 +21,7 @@ AWKWARD_ROWS: tuple[int, ...] = (1, 3, 127)
 GRAPH_REPLAYS_PER_SIZE = 100
 
 # The order suites run in within a world size: correctness before timing.
-SUITE_ORDER: tuple[str, ...] = ("numerics", "limits", "graph", "latency")
+SUITE_ORDER: tuple[str, ...] = ("numerics", "limits", "graph", "latency", "accuracy")
 
 
 @dataclass(frozen=True)

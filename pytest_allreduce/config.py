@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backend import CPU_CONFIG_TYPES, GPU_CONFIG_TYPES
+from .bounds import MAX_CONFIG_KEY, parse_count
+from .paths import UnusableFile, read_regular_file
 
 if TYPE_CHECKING:
     from .registry import BackendRegistry
@@ -76,6 +78,9 @@ CONFIG_FIELDS: tuple[str, ...] = ("backend_type", "use_residual_rmsnorm_fusion",
 # The only backend type whose entries may ask the server for the fused residual add + RMSNorm.
 FUSED_CONFIG_TYPE = "flashinfer_fusion"
 _ALL_TYPES = GPU_CONFIG_TYPES | CPU_CONFIG_TYPES
+# A config is a few kilobytes; a file far larger is not one (and /dev/zero must not be read
+# until memory runs out).
+MAX_CONFIG_BYTES = 16 << 20
 # What str(int) produces for a positive int; re.ASCII keeps non-ASCII digits out.
 _CANONICAL_KEY = re.compile(r"[1-9][0-9]*", re.ASCII)
 
@@ -328,6 +333,10 @@ def _from_json(obj: Any, source: str) -> AllreduceConfig:
                 f"{source}: key {key!r} is not a batch size (keys are positive integers "
                 "written as plain decimal digits without sign, leading zeros or spaces)"
             )
+        try:
+            parse_count(key, MAX_CONFIG_KEY)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: key {exc}") from None
         where = f"{source}: batch size {key}"
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: the value must be a JSON object, got {_json_kind(value)}")
@@ -398,9 +407,10 @@ def load_config(
         path = Path(source)
         where = str(path)
         try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
+            raw = read_regular_file(path, MAX_CONFIG_BYTES)
+        except UnusableFile as exc:
+            why = str(exc).removeprefix(f"{path}: ")
+            raise ConfigError(f"{path}: cannot read the config: {why}") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

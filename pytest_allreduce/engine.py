@@ -61,6 +61,7 @@ class Engine:
         self.store = store
         self.torchrun = under_torchrun()
         self.pool_starts = 0
+        self.swept: list[str] = []  # what killed sessions had left, removed at first start
         self._executors: dict[int, Executor] = {}
         # Rows every set-up must hold: the plan's sizes and the checks' extra sizes.
         self.needed_rows = max([*plan.batch_sizes, *(r for c in CHECKS for r in c.extra_rows)])
@@ -87,11 +88,22 @@ class Engine:
             return current
         self._executors.pop(world_size, None)
         if self.torchrun:
-            current = InProcessGroup(self.plan.device, self.options.timeout_s)
+            current = InProcessGroup(
+                self.plan.device, self.options.timeout_s, self.options.startup_timeout_s
+            )
         else:
+            if self.pool_starts == 0:
+                from .leftovers import sweep_stale_resources
+
+                self.swept = [str(p) for p in sweep_stale_resources()]
             # One pool at a time: pools of several sizes would share the same GPUs.
             self.close()
-            current = RankPool(world_size, self.plan.device, self.options.timeout_s).start()
+            current = RankPool(
+                world_size,
+                self.plan.device,
+                self.options.timeout_s,
+                self.options.startup_timeout_s,
+            ).start()
             self.pool_starts += 1
         self._executors[world_size] = current
         if not self.store.machine:

@@ -38,8 +38,12 @@ from .artifacts.atomic import atomic_write, dumps_json
 from .config import device_label
 from .fingerprint import device_name
 from .model import JOBS
+from .paths import UnusableFile, read_regular_file
 from .results import ResultStore
 
+# Raw samples of every measured key: megabytes for a full tuning grid; far more is not a
+# baseline, and a device node must not be read without bound.
+MAX_BASELINE_BYTES = 256 << 20
 BASELINE_FORMAT = "pytest-allreduce-baseline"
 BASELINE_VERSION = 1
 # A key regresses only when its median is more than this fraction above the baseline's...
@@ -169,9 +173,11 @@ def load_baseline(
         return BaselineError(f"baseline {path}: {problem}")
 
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise bad(f"cannot be read ({exc})") from None
+        text = read_regular_file(path, MAX_BASELINE_BYTES).decode("utf-8")
+    except UnusableFile as exc:
+        raise BaselineError(f"baseline {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise bad(f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -34,6 +34,11 @@ DEFAULT_STARTUP_TIMEOUT_S = 300.0
 # A baseline of every backend, size, job and dtype with its raw samples is tens of MB; the
 # bound stops a device or a huge file from being read into memory, never a real baseline.
 MAX_BASELINE_BYTES = 256 << 20
+DEFAULT_FEWSHOT = 5  # lm-eval's gsm8k task default
+# GSM8K's train split has 7473 questions; more shots than this would not fit a context.
+MAX_FEWSHOT = 32
+# GSM8K's test split has 1319 questions; a larger limit would silently mean "all".
+MAX_GSM8K_QUESTIONS = 1319
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,37 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec("allreduce-baseline", None, "gate latency against this baseline file"),
     OptionSpec("allreduce-save-baseline", None, "write this session's latencies as a baseline"),
+    OptionSpec(
+        "allreduce-model",
+        "tiny",
+        "model of the accuracy suite: a Hugging Face directory, a .gguf file, or 'tiny' (a "
+        "random-weight Qwen2 built in-process) (default: tiny)",
+    ),
+    OptionSpec(
+        "allreduce-gsm8k-data",
+        None,
+        "directory with GSM8K's train.jsonl and test.jsonl (default: lm-eval's own dataset)",
+    ),
+    OptionSpec(
+        "allreduce-gsm8k-limit", None, "GSM8K test questions per backend (default: all 1319)"
+    ),
+    OptionSpec(
+        "allreduce-gsm8k-fewshot",
+        f"{DEFAULT_FEWSHOT}",
+        f"few-shot examples per GSM8K question (default: {DEFAULT_FEWSHOT})",
+    ),
+    OptionSpec(
+        "allreduce-gsm8k-endpoints",
+        None,
+        "NAME=URL,...: running OpenAI-compatible servers to compare on GSM8K (one server per "
+        "backend configuration) instead of the backends in-process",
+    ),
+    OptionSpec(
+        "allreduce-gsm8k-reference",
+        None,
+        "the reference backend (default: nccl on CUDA, gloo on the CPU) or, with endpoints, "
+        "the reference endpoint's NAME (default: the first)",
+    ),
 )
 
 
@@ -111,6 +147,12 @@ class Options:
     baseline: Path | None
     save_baseline: Path | None
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    model: str = "tiny"
+    gsm8k_data: Path | None = None
+    gsm8k_limit: int | None = None
+    gsm8k_fewshot: int = DEFAULT_FEWSHOT
+    gsm8k_endpoints: tuple[tuple[str, str], ...] = ()
+    gsm8k_reference: str | None = None
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -151,6 +193,8 @@ def parse_options(config: pytest.Config) -> Options:
     def optional(name: str, parse: Callable[[str], T]) -> T | None:
         return None if raw[name][1] is None else get(name, parse)
 
+    endpoints = optional("allreduce-gsm8k-endpoints", parse_endpoints) or ()
+
     return Options(
         backends=get("allreduce-backends", parse_backend_list),
         device=get("allreduce-device", lambda t: parse_choice(t, DEVICES)),
@@ -169,6 +213,16 @@ def parse_options(config: pytest.Config) -> Options:
         startup_timeout_s=get("allreduce-startup-timeout", bounds.parse_seconds),
         baseline=optional("allreduce-baseline", parse_baseline),
         save_baseline=optional("allreduce-save-baseline", parse_save_baseline),
+        model=get("allreduce-model", parse_model),
+        gsm8k_data=optional("allreduce-gsm8k-data", parse_gsm8k_data),
+        gsm8k_limit=optional(
+            "allreduce-gsm8k-limit", lambda t: bounds.parse_count(t, MAX_GSM8K_QUESTIONS)
+        ),
+        gsm8k_fewshot=get("allreduce-gsm8k-fewshot", parse_fewshot),
+        gsm8k_endpoints=endpoints,
+        gsm8k_reference=optional(
+            "allreduce-gsm8k-reference", lambda t: parse_reference(t, endpoints)
+        ),
     )
 
 
@@ -322,3 +376,67 @@ def parse_save_baseline(text: str) -> Path:
     if problem := output_file_problem(text):
         raise ValueError(problem)
     return Path(text)
+
+
+def parse_model(text: str) -> str:
+    """'tiny', a directory holding config.json, or a .gguf file (checked in full, with the
+    weights, when the accuracy suite first needs the model)."""
+    value = text.strip()
+    if value == "tiny":
+        return value
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: a model directory needs a config.json")
+        return str(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a model file must be a .gguf file")
+        return str(path)
+    raise ValueError("not 'tiny', a model directory or a .gguf file: no such path")
+
+
+def parse_gsm8k_data(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise ValueError("not a directory (it must hold GSM8K's train.jsonl and test.jsonl)")
+    missing = [n for n in ("train.jsonl", "test.jsonl") if not (path / n).is_file()]
+    if missing:
+        raise ValueError(f"{path} lacks {' and '.join(missing)}")
+    return path
+
+
+def parse_fewshot(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return bounds.parse_count(text.strip(), MAX_FEWSHOT)
+
+
+def parse_endpoints(text: str) -> tuple[tuple[str, str], ...]:
+    """NAME=URL,... with distinct identifier names and http(s) URLs."""
+    from urllib.parse import urlsplit
+
+    pairs: list[tuple[str, str]] = []
+    for item in _items(text):
+        name, sep, url = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"{item!r} is not NAME=URL (NAME an identifier)")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
+        pairs.append((name, url))
+    _no_repeats([n for n, _ in pairs])
+    if len(pairs) < 2:
+        raise ValueError("give at least two endpoints: a reference and one to compare")
+    return tuple(pairs)
+
+
+def parse_reference(text: str, endpoints: tuple[tuple[str, str], ...]) -> str:
+    """An endpoint's name when endpoints are given; else a backend name, checked against the
+    registry once the plan exists."""
+    name = text.strip()
+    if endpoints and name not in dict(endpoints):
+        raise ValueError(f"not one of the endpoints: {', '.join(n for n, _ in endpoints)}")
+    if not name.isidentifier():
+        raise ValueError(f"{name!r} is not a backend or endpoint name")
+    return name

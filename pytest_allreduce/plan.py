@@ -39,6 +39,21 @@ def visible_gpu_count() -> int:
     return count
 
 
+def gpu_model_name() -> str | None:
+    """The model name the NVIDIA driver lists for this host's GPUs (e.g. "NVIDIA H200"),
+    read without touching CUDA; None where there is no listing or the GPUs differ."""
+    names = set()
+    try:
+        for gpu in NVIDIA_GPUS.iterdir():
+            for line in (gpu / "information").read_text(errors="replace").splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "Model":
+                    names.add(value.strip())
+    except OSError:
+        return None
+    return names.pop() if len(names) == 1 else None
+
+
 def resolve_device(requested: str, gpu_count: int) -> str:
     if requested != "auto":
         return requested

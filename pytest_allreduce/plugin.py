@@ -17,7 +17,7 @@ from .options import add_options, parse_options
 
 if TYPE_CHECKING:
     from .model import Case, Job
-    from .session import AllreduceSession, CheckCall
+    from .session import AccuracyCall, AllreduceSession, CheckCall
 
 SESSION_KEY = pytest.StashKey["AllreduceSession"]()
 
@@ -32,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
-    from .plan import Plan
+    from .plan import Plan, gpu_model_name
     from .registry import BackendRegistry
     from .session import PLUGIN_NAME, AllreduceSession
 
@@ -49,6 +49,14 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         allowed = ", ".join(["all", *registry.allowed_names()])
         raise pytest.UsageError(f"--allreduce-backends: {exc}; allowed: {allowed}") from None
+    if options.baseline is not None:
+        from .config import device_label
+        from .options import check_baseline_device
+
+        name = "cpu" if plan.device == "cpu" else gpu_model_name()
+        check_baseline_device(
+            options.baseline, plan.device, device_label(name) if name else None
+        )
     session = AllreduceSession(options, plan, registry)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
@@ -141,6 +149,70 @@ class RankRunner:
 def allreduce_ranks(allreduce_session: AllreduceSession) -> RankRunner:
     """Run rank functions on torchrun-style process groups: `allreduce_ranks.run(2, fn)`."""
     return RankRunner(allreduce_session)
+
+
+class AccuracyRunner:
+    """One backend (or endpoint) of the accuracy suite: runs GSM8K through it and fails the
+    test with the reasons when its answers differ from the reference's beyond the rules."""
+
+    def __init__(self, session: AllreduceSession, call: AccuracyCall) -> None:
+        self.session = session
+        self.call = call
+
+    def run(self) -> None:
+        from .accuracy.runner import AccuracyUnavailable
+        from .pool import RankFailure
+
+        call, session = self.call, self.session
+        try:
+            if call.endpoint:
+                verdict = session.accuracy.judge_endpoint(call.name)
+            else:
+                verdict = session.accuracy.judge(
+                    call.name, call.world_size, compared=self.compared()
+                )
+        except AccuracyUnavailable as exc:
+            pytest.skip(str(exc))
+        except RankFailure as failure:
+            report = str(failure)
+            session.store.disqualify(call.name, call.world_size, f"accuracy: {report[:300]}")
+        else:
+            session.record_accuracy(verdict)
+            if verdict.passed:
+                return
+            report = "\n".join(verdict.problems)
+        pytest.fail(report, pytrace=False)
+
+    def compared(self) -> int:
+        """How many backends are compared with the reference at this world size (the
+        Bonferroni split of McNemar's level)."""
+        calls = self.session.accuracy_calls()
+        return max(1, sum(1 for c in calls if c.world_size == self.call.world_size) - 1)
+
+
+@pytest.fixture
+def allreduce_accuracy(
+    allreduce_session: AllreduceSession, request: pytest.FixtureRequest
+) -> AccuracyRunner:
+    """A backend (parametrised by the session) of the accuracy suite, available here."""
+    from .engine import CaseSkipped
+    from .pool import RankFailure
+
+    call: AccuracyCall = request.param
+    if not call.endpoint:
+        variant = allreduce_session.registry.variant(call.name)
+        if variant is None:
+            pytest.fail(f"--allreduce-gsm8k-reference={call.name}: no such backend", pytrace=False)
+        try:
+            availability = allreduce_session.engine.availability(variant, call.world_size)
+        except RankFailure as failure:
+            pytest.fail(str(failure), pytrace=False)
+        except CaseSkipped as skipped:
+            pytest.skip(str(skipped))
+        if not availability.available:
+            pytest.skip(f"{call.name} unavailable at world size {call.world_size}: "
+                        f"{availability.reason}")
+    return AccuracyRunner(allreduce_session, call)
 
 
 class CaseRunner:

@@ -29,6 +29,12 @@ class ResultStore:
         self.verdicts: dict[Case, dict[str, list[Verdict]]] = defaultdict(lambda: defaultdict(list))
         self.latencies: dict[tuple[Case, Job], Latency] = {}
         self.variants: dict[str, VariantInfo] = {}  # full variant name -> its declaration
+        # (variant, world size) -> the accuracy suite's summary of its GSM8K run
+        self.accuracy: dict[tuple[str, int], dict[str, Any]] = {}
+        # (variant, world size) -> why it may win at no size, hidden or dtype of that world
+        # size (a wrong model answer is not tied to one shape)
+        self.disqualified: dict[tuple[str, int], str] = {}
+        self.accuracy_model: dict[str, Any] = {}  # the accuracy suite's model: name, sha256
         self.machine: dict[str, Any] = {}
         self.suites_run: set[str] = set()
 
@@ -83,8 +89,13 @@ class ResultStore:
         return "passed"
 
     def eligible(self, case: Case) -> bool:
-        """Passed every required gating suite at this exact shape."""
+        """Passed every required gating suite at this exact shape, and not disqualified."""
+        if (case.target.backend, case.target.world_size) in self.disqualified:
+            return False
         return all(self.suite_outcome(case, s) == "passed" for s in self.required_suites())
+
+    def disqualify(self, backend: str, world_size: int, reason: str) -> None:
+        self.disqualified.setdefault((backend, world_size), reason)
 
     def latency(self, case: Case, job: Job) -> Latency | None:
         return self.latencies.get((case, job))

@@ -24,7 +24,9 @@ from .results import ResultStore
 if TYPE_CHECKING:
     from collections.abc import Generator
 
+    from .accuracy.runner import AccuracyRunner
     from .options import Options
+    from .outputdir import OutputDir
     from .plan import Plan
     from .registry import BackendRegistry
     from .selection import Selection
@@ -43,6 +45,19 @@ class CheckCall:
     @property
     def label(self) -> str:
         return f"{self.check.name}-{self.case.label}"
+
+
+@dataclass(frozen=True)
+class AccuracyCall:
+    """One parametrisation of the accuracy suite: a backend (or an endpoint) at a world size."""
+
+    name: str
+    world_size: int
+    endpoint: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"endpoint-{self.name}" if self.endpoint else f"{self.name}-tp{self.world_size}"
 
 
 @dataclass
@@ -64,6 +79,8 @@ class AllreduceSession:
         self.engine = Engine(options, plan, self.store)
         self.report = SessionReport()
         self._timing_plan: TimingPlan | None = None
+        self.output: OutputDir | None = None  # claimed once allreduce tests are collected
+        self._accuracy: AccuracyRunner | None = None
         for variant in plan.variants:
             self.store.declare(variant.info)
         self._planned_targets = set(plan.targets())
@@ -108,8 +125,40 @@ class AllreduceSession:
                 calls += [CheckCall(check, target.at(rows)) for rows in sizes]
         return calls
 
+    @property
+    def accuracy(self) -> AccuracyRunner:
+        if self._accuracy is None:
+            from .accuracy.runner import AccuracyRunner
+
+            self._accuracy = AccuracyRunner(self.options, self.engine, self.registry)
+        return self._accuracy
+
+    def accuracy_calls(self) -> list[AccuracyCall]:
+        """The reference first (every comparison needs its run), then every other backend
+        of the plan that can run here; with endpoints, the endpoints instead."""
+        if self.options.gsm8k_endpoints:
+            names = [n for n, _ in self.options.gsm8k_endpoints]
+            return [AccuracyCall(n, 0, endpoint=True) for n in names]
+        reference = self.options.gsm8k_reference or (
+            "nccl" if self.plan.device == "cuda" else "gloo"
+        )
+        calls = []
+        for ws in self.plan.world_sizes:
+            names = [reference] + [
+                t.backend
+                for t in self.runnable_targets()
+                if t.world_size == ws and t.backend != reference
+            ]
+            calls += [AccuracyCall(n, ws) for n in dict.fromkeys(names)]
+        return calls
+
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
-        if "allreduce_check" in metafunc.fixturenames:
+        if "allreduce_accuracy" in metafunc.fixturenames:
+            calls = self.accuracy_calls()
+            metafunc.parametrize(
+                "allreduce_accuracy", calls, indirect=True, ids=[c.label for c in calls]
+            )
+        elif "allreduce_check" in metafunc.fixturenames:
             mark = metafunc.definition.get_closest_marker("allreduce_suite")
             if mark is None:
                 raise pytest.UsageError(
@@ -128,11 +177,28 @@ class AllreduceSession:
         # Group by world size so each pool starts once, and check before timing.
         def key(item: pytest.Item) -> tuple[int, int]:
             case = _item_case(item)
-            mark = item.get_closest_marker("allreduce_suite")
-            suite = suite_rank(mark.args[0]) if mark else len(CHECKS)
-            return (case.target.world_size if case else 0, suite)
+            accuracy = _item_param(item, "allreduce_accuracy")
+            suite = _item_suite(item)
+            ws = case.target.world_size if case else getattr(accuracy, "world_size", 0)
+            return (ws, suite_rank(suite) if suite else len(CHECKS))
 
         items.sort(key=key)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Claim the output dir once this session will run allreduce tests (never for a
+        project that only has the plugin installed): a second session writing the same dir
+        is a usage error naming the first one's pid."""
+        if not self.is_writer or not any(_item_suite(item) for item in session.items):
+            return
+        from .outputdir import OutputDir, OutputDirError
+
+        try:
+            self.output = OutputDir.claim(self.options.output_dir)
+        except OutputDirError as exc:
+            raise pytest.UsageError(
+                f"--allreduce-output-dir={self.options.output_dir}: {exc}"
+            ) from None
+        self.report.notes += self.output.repairs
 
     # ---- verdicts ------------------------------------------------------------------------
 
@@ -155,6 +221,16 @@ class AllreduceSession:
     def record_verdict(self, case: Case, verdict: Verdict) -> None:
         if case.target in self._planned_targets:
             self.store.record_verdict(case, verdict)
+
+    def record_accuracy(self, verdict: Any) -> None:
+        """An accuracy verdict: kept for the artifacts; a failure disqualifies the backend
+        at that world size for every shape (a wrong answer is not tied to one size)."""
+        self.store.accuracy[(verdict.backend, verdict.world_size)] = verdict.summary()
+        self.store.accuracy_model = self.accuracy.model_info()
+        if not verdict.passed:
+            self.store.disqualify(
+                verdict.backend, verdict.world_size, "accuracy: " + "; ".join(verdict.problems)
+            )
 
     def record_latency(self, latency: Latency) -> None:
         self.store.record_latency(latency)
@@ -181,7 +257,11 @@ class AllreduceSession:
             terminalreporter.write_line(line)
 
     def pytest_unconfigure(self) -> None:
-        self.engine.close()
+        try:
+            self.engine.close()
+        finally:
+            if self.output is not None:
+                self.output.release()
 
     def finish(self) -> SessionReport:
         """Select, bisect, write artifacts, gate. Only the writer process does the writing.
@@ -193,7 +273,7 @@ class AllreduceSession:
         from .config import device_label
         from .fingerprint import device_name
 
-        if not self.store.latencies:
+        if not self.store.latencies and not self.store.accuracy:
             return self.report
         selections: dict[GroupKey, Selection] = {}
         measured = set(self.store.group_keys())
@@ -204,15 +284,23 @@ class AllreduceSession:
                         selections[key] = self._select(key)
         if not self.is_writer:
             return self.report
-        if missing := self.store.missing_suites():
+        if selections and (missing := self.store.missing_suites()):
             self.report.notes.append(
                 "no backend is eligible to win: the gating suite(s) "
                 f"{', '.join(missing)} did not run in this session"
             )
+        if self.output is None:
+            return self.report
+        self.report.notes += [f"removed {p}, left by a killed session" for p in self.engine.swept]
         label = device_label(device_name(self.store.machine)) if self.store.machine else "cpu"
-        written = artifacts.write_artifacts(self.store, selections, self.options.output_dir, label)
-        self.report.artifacts += written
-        self.report.notes += written.notes
+        # Every artifact of this run is staged, then swapped in together: the output dir
+        # never holds files of two runs, whatever kills this process when.
+        with self.output.stage() as staging:
+            if selections:
+                written = artifacts.write_artifacts(self.store, selections, staging.root, label)
+                self.report.notes += written.notes
+            artifacts.write_accuracy(self.store, staging.root)
+            self.report.artifacts += staging.commit()
         if self.options.save_baseline is not None:
             gate.save_baseline(self.store, self.options.save_baseline)
             self.report.artifacts.append(self.options.save_baseline)
@@ -298,5 +386,7 @@ def _item_suite(item: pytest.Item) -> str | None:
     call = _item_param(item, "allreduce_check")
     if isinstance(call, CheckCall):
         return call.check.suite
+    if isinstance(_item_param(item, "allreduce_accuracy"), AccuracyCall):
+        return "accuracy"
     mark = item.get_closest_marker("allreduce_suite")
     return str(mark.args[0]) if mark else None

@@ -261,6 +261,20 @@ def test_unreadable_and_undecodable_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe{}")
     with pytest.raises(ConfigError, match=r"bin\.json: not UTF-8"):
         load_config(binary)
+    # Never blocks on a FIFO nor reads a device until memory runs out.
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"fifo\.json: cannot read the config: .*FIFO"):
+        load_config(fifo)
+    with pytest.raises(ConfigError, match=r"/dev/zero: cannot read the config"):
+        load_config("/dev/zero")
+
+
+def test_a_huge_key_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({"7" * 5000: _value()}))
+    with pytest.raises(ConfigError, match=r"huge\.json: key .*above the largest allowed value"):
+        load_config(path)
 
 
 def test_json_text_errors_name_the_source() -> None:

@@ -98,6 +98,10 @@ class GenerationBatch:
     decode_s: float
     # One entry per capture: what reducer.after_capture() returned on this rank.
     graph_buffers_registered: list[int] = field(default_factory=list)
+    # Rows of every row-parallel reduce this batch ran -> how many such reduces (two per
+    # layer per forward, graph replays included), so the caller can tell which share of
+    # the reduces a size-limited backend carried.
+    reduce_rows: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -459,6 +463,13 @@ def _generate_batch(
         generations.append(
             Generation(tokens, ids_np[row, :n].copy(), lp_np[row, :n].copy(), text, reason)
         )
+    per_forward = 2 * len(model.layers)
+    reduce_rows: dict[int, int] = {}
+    for rows in groups:
+        tokens = sum(len(prompts[r]) for r in rows)
+        reduce_rows[tokens] = reduce_rows.get(tokens, 0) + per_forward
+    if step > 1:
+        reduce_rows[batch] = reduce_rows.get(batch, 0) + per_forward * (step - 1)
     return GenerationBatch(
         rank=ctx.rank,
         generations=generations,
@@ -467,6 +478,7 @@ def _generate_batch(
         prefill_s=prefill_s,
         decode_s=decode_s,
         graph_buffers_registered=registered,
+        reduce_rows=reduce_rows,
     )
 
 

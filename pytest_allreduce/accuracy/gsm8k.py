@@ -47,16 +47,13 @@ def pool_generate(
     source: ModelSource,
     reducer_factory: ReducerFactory,
     options: GenerationOptions | None = None,
-    timeout: float | None = None,
 ) -> GenerateFn:
     """A `generate` for PoolLM that runs rank_generate on every rank of `executor` (a
-    RankPool, or anything with its `run(fn, *args, timeout=...)`)."""
+    RankPool, or anything with its `run(fn, *args)`)."""
 
     def generate(prompts: list[str], until: list[str], max_gen_toks: int) -> list[GenerationBatch]:
         request = GenerationRequest(tuple(prompts), tuple(until), max_gen_toks)
-        return executor.run(
-            rank_generate, source, request, reducer_factory, options, timeout=timeout
-        )
+        return executor.run(rank_generate, source, request, reducer_factory, options)
 
     return generate
 
@@ -112,6 +109,7 @@ class PoolLM(LM):
                         first.prefill_s,
                         first.decode_s,
                         tuple(tuple(b.graph_buffers_registered) for b in per_rank),
+                        dict(first.reduce_rows),
                     )
                 )
                 for pos, i in enumerate(chunk):

@@ -35,6 +35,8 @@ class BatchStats:
     # Per rank, what reducer.after_capture() returned after each CUDA-graph capture; ranks
     # that registered different numbers of graph buffers disagree about the graphs.
     graph_buffers_registered: tuple[tuple[int, ...], ...]
+    # Rows of each row-parallel reduce -> how many reduces had that many rows.
+    reduce_rows: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -43,10 +43,10 @@ class TorchReducer:
     CUDA, gloo on the CPU), then the engine's add + RMSNorm composition."""
 
     def __init__(self, ctx: RankContext) -> None:
-        from ..jobs import composed_add_rms_norm
+        from ..jobs import add_rms_norm
 
         self.group = ctx.group
-        self.add_rms_norm = composed_add_rms_norm(ctx.device)
+        self.add_rms_norm = add_rms_norm(ctx.device)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

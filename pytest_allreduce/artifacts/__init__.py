@@ -40,6 +40,23 @@ from .plot import plot_png
 from .report import report
 
 
+def write_accuracy(store: ResultStore, output_dir: str | os.PathLike[str]) -> list[Path]:
+    """The accuracy suite's summary and report per world size, when it ran."""
+    from . import accuracy
+
+    by_world_size: dict[int, dict[str, dict]] = defaultdict(dict)
+    for (backend, ws), result in sorted(store.accuracy.items()):
+        by_world_size[ws][backend] = result
+    written = []
+    for ws, results in sorted(by_world_size.items()):
+        tp_dir = Path(output_dir) / (f"tp{ws}" if ws else "endpoints")
+        doc = accuracy.summary(results, store.accuracy_model)
+        written.append(atomic_write(tp_dir / accuracy.SUMMARY_NAME, dumps_json(doc)))
+        text = accuracy.report(results, store.accuracy_model)
+        written.append(atomic_write(tp_dir / accuracy.REPORT_NAME, text))
+    return written
+
+
 class WrittenArtifacts(list[Path]):
     """The paths written (a plain list to callers) plus notes on what was skipped and why."""
 

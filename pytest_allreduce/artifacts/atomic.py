@@ -16,7 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Temporary files are named `.<target name>.<random>.tmp`, so a sweep can recognise them.
+from ..outputdir import temp_file_prefix
+
+# Temporary files carry the writer's pid (outputdir.temp_file_prefix), so a later session
+# can remove a killed writer's leftovers and leave a live one's alone.
 TEMP_SUFFIX = ".tmp"
 
 
@@ -30,7 +33,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o644
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=temp_file_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
