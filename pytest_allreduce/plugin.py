@@ -32,7 +32,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
-    from .plan import Plan
+    from . import benchmarking, xdist_roles
+    from .engine import under_torchrun
+    from .plan import Plan, PlanError, check_plan, plan_warnings, visible_gpu_ids
     from .registry import BackendRegistry
     from .session import PLUGIN_NAME, AllreduceSession
 
@@ -44,14 +46,33 @@ def pytest_configure(config: pytest.Config) -> None:
     registry.load_builtins()
     registry.load_entry_points()
     config.hook.pytest_allreduce_register_backends(registry=registry)
+    role = xdist_roles.role(config)
+    if role == "worker":
+        # Before the plan counts GPUs: this worker sees only its share from here on.
+        xdist_roles.adopt_worker_devices(config)
+    workers = xdist_roles.worker_count(config) if role == "controller" else 1
     try:
         plan = Plan.build(options, registry)
     except ValueError as exc:
         allowed = ", ".join(["all", *registry.allowed_names()])
         raise pytest.UsageError(f"--allreduce-backends: {exc}; allowed: {allowed}") from None
-    session = AllreduceSession(options, plan, registry)
+    try:
+        check_plan(plan, options.device, torchrun=under_torchrun(), workers=workers)
+    except PlanError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    session = AllreduceSession(options, plan, registry, config=config, role=role)
+    session.report.warnings += plan_warnings(plan, workers=workers)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
+    config.pluginmanager.register(benchmarking.carrier(config, session), benchmarking.PLUGIN_NAME)
+    if role == "controller":
+        shares = (
+            xdist_roles.split_devices(visible_gpu_ids(), workers)
+            if plan.device == "cuda"
+            else None
+        )
+        controller = xdist_roles.XdistController(session, shares)
+        config.pluginmanager.register(controller, xdist_roles.CONTROLLER_PLUGIN_NAME)
 
 
 # ---- fixtures --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .registry import BackendRegistry
     from .selection import Selection
     from .timing import TimingPlan
+    from .xdist_roles import Role
 
 PLUGIN_NAME = "allreduce-session"
 
@@ -53,17 +54,31 @@ class SessionReport:
     notes: list[str] = field(default_factory=list)
     gate_failures: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # known before any test runs
 
 
 class AllreduceSession:
-    def __init__(self, options: Options, plan: Plan, registry: BackendRegistry) -> None:
+    def __init__(
+        self,
+        options: Options,
+        plan: Plan,
+        registry: BackendRegistry,
+        config: pytest.Config | None = None,
+        role: Role = "single",
+    ) -> None:
         self.options = options
         self.plan = plan
         self.registry = registry
+        self.config = config
+        # "worker": an xdist worker, which runs tests and hands its results to the
+        # controller; "controller": runs no test, does the session-end work from all
+        # workers' results (xdist_roles); "single": both, in this one process.
+        self.role = role
         self.store = ResultStore(plan.device)
         self.engine = Engine(options, plan, self.store)
         self.report = SessionReport()
         self._timing_plan: TimingPlan | None = None
+        self._progress_shown = False
         for variant in plan.variants:
             self.store.declare(variant.info)
         self._planned_targets = set(plan.targets())
@@ -74,8 +89,31 @@ class AllreduceSession:
 
     @property
     def is_writer(self) -> bool:
-        """Only one process writes artifacts: rank 0 under torchrun, else this one."""
+        """Only one process writes artifacts: rank 0 under torchrun, never an xdist worker
+        (the controller writes from every worker's results), else this one."""
+        if self.role == "worker":
+            return False
         return not self.torchrun or int(os.environ["RANK"]) == 0
+
+    def device_name(self) -> str:
+        """The raw device name of the ranks (``torch.cuda.get_device_name()`` or "cpu")."""
+        from .fingerprint import device_name
+
+        return device_name(self.store.machine) if self.store.machine else "cpu"
+
+    def progress(self, message: str) -> None:
+        """A line on the terminal during session-end work, which can take a while after the
+        last test; none under -q, and only from the process that writes."""
+        if self.config is None or not self.is_writer or self.config.get_verbosity() < 0:
+            return
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return
+        if not self._progress_shown:
+            # Ends the test progress line, which xdist's compact output leaves open.
+            reporter.write_line("")
+            self._progress_shown = True
+        reporter.write_line(f"allreduce: {message}")
 
     @property
     def timing_plan(self) -> TimingPlan:
@@ -161,7 +199,19 @@ class AllreduceSession:
 
     # ---- session end ---------------------------------------------------------------------
 
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+    # A tryfirst wrapper, so its first half runs before every other plugin's session end:
+    # before pytest-benchmark's (which saves and tabulates the records handed to it here,
+    # bisection included) and, in an xdist worker, before xdist's own (which sends the
+    # worker's output to the controller).
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(
+        self, session: pytest.Session, exitstatus: int
+    ) -> Generator[None, None, None]:
+        if self.role == "worker":
+            from .xdist_roles import export_results
+
+            export_results(session.config, self)
+            return (yield)
         try:
             report = self.finish()
         except Exception as exc:  # artifacts failing must fail the run, loudly
@@ -170,15 +220,15 @@ class AllreduceSession:
             raise
         if report.gate_failures and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.store.availability:
-            return
         from .summary import summary_lines
 
-        terminalreporter.section("allreduce")
-        for line in summary_lines(self):
-            terminalreporter.write_line(line)
+        if lines := summary_lines(self):
+            terminalreporter.section("allreduce")
+            for line in lines:
+                terminalreporter.write_line(line)
 
     def pytest_unconfigure(self) -> None:
         self.engine.close()
@@ -191,7 +241,6 @@ class AllreduceSession:
         """
         from . import artifacts, gate
         from .config import device_label
-        from .fingerprint import device_name
 
         if not self.store.latencies:
             return self.report
@@ -204,19 +253,25 @@ class AllreduceSession:
                         selections[key] = self._select(key)
         if not self.is_writer:
             return self.report
+        self._publish_benchmarks(selections)
         if missing := self.store.missing_suites():
             self.report.notes.append(
                 "no backend is eligible to win: the gating suite(s) "
                 f"{', '.join(missing)} did not run in this session"
             )
-        label = device_label(device_name(self.store.machine)) if self.store.machine else "cpu"
-        written = artifacts.write_artifacts(self.store, selections, self.options.output_dir, label)
+        label = device_label(self.device_name())
+        count = artifacts.planned_file_count(selections)
+        self.progress(f"writing {count} artifacts to {self.options.output_dir}")
+        written = artifacts.write_artifacts(
+            self.store, selections, self.options.output_dir, label, pytest_config=self.config
+        )
         self.report.artifacts += written
         self.report.notes += written.notes
         if self.options.save_baseline is not None:
             gate.save_baseline(self.store, self.options.save_baseline)
             self.report.artifacts.append(self.options.save_baseline)
         if self.options.baseline is not None:
+            self.progress(f"latency gate against {self.options.baseline}")
             outcome = gate.check_baseline(self.store, self.options.baseline)
             self.report.gate_failures += [str(r) for r in outcome.regressions]
             self.report.notes += [str(n) for n in outcome.notes]
@@ -225,12 +280,37 @@ class AllreduceSession:
     def _select(self, key: GroupKey) -> Selection:
         from .selection import select_with_bisection
 
-        return select_with_bisection(
-            self.store,
-            key,
-            measure_size=lambda rows: self.measure_size(key, rows),
-            agree=lambda points: self.engine.agree(key.world_size, points),
+        timed = {c.target.backend for c, _ in self.store.latencies if c.target.group_key == key}
+        self.progress(
+            f"selection for {_group_label(key)}: {len(self.store.batch_sizes(key))} sizes, "
+            f"{len(timed)} backends"
         )
+
+        def agree(points: list[int]) -> list[int]:
+            agreed = self.engine.agree(key.world_size, points)
+            if agreed:
+                count = f"{len(agreed)} size{'s' if len(agreed) > 1 else ''}"
+                sizes = ", ".join(map(str, agreed))
+                self.progress(f"bisection: {count} for {_group_label(key)} ({sizes})")
+            return agreed
+
+        return select_with_bisection(
+            self.store, key, measure_size=lambda rows: self.measure_size(key, rows), agree=agree
+        )
+
+    def _publish_benchmarks(self, selections: dict[GroupKey, Selection]) -> None:
+        """Every latency of the session, as records of pytest-benchmark's own session."""
+        if self.config is None:
+            return
+        from .artifacts.benchmark import benchmark_records
+        from .benchmarking import publish
+
+        try:
+            records = benchmark_records(self.store, selections, self.device_name())
+        except ImportError:
+            return  # pytest-benchmark is not installed
+        if publish(self.config, records):
+            self.progress(f"pytest-benchmark: {len(records)} records")
 
     def measure_size(self, key: GroupKey, rows: int) -> None:
         """At a size between two measured ones: every check of the table that runs at each
@@ -279,6 +359,10 @@ class AllreduceSession:
             test_id,
         )
         self.record_verdict(case, verdict)
+
+
+def _group_label(key: GroupKey) -> str:
+    return f"tp{key.world_size} h{key.hidden} {key.dtype}"
 
 
 def _item_param(item: pytest.Item, name: str) -> Any:
