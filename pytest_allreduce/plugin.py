@@ -67,9 +67,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(benchmarking.carrier(config, session), benchmarking.PLUGIN_NAME)
     if role == "controller":
         shares = (
-            xdist_roles.split_devices(visible_gpu_ids(), workers)
-            if plan.device == "cuda"
-            else None
+            xdist_roles.split_devices(visible_gpu_ids(), workers) if plan.device == "cuda" else None
         )
         controller = xdist_roles.XdistController(session, shares)
         config.pluginmanager.register(controller, xdist_roles.CONTROLLER_PLUGIN_NAME)
