@@ -118,13 +118,13 @@ def _device_of(variant: Variant, world_sizes: tuple[int, ...]) -> set[str]:
     return {variant.limits(ws).device for ws in world_sizes}
 
 
-def check_plan(plan: Plan, requested_device: str, *, torchrun: bool, workers: int = 1) -> None:
-    """Refuse, naming the option, a plan of which nothing could run here.
+def check_choices(plan: Plan, requested_device: str) -> None:
+    """Refuse, naming the option, a choice of which nothing could run here.
 
     Such a session would skip every test and write nothing useful, or end in an error deep
-    inside a rank; pytest reports a PlanError as a usage error before anything starts.
-    `workers` is the number of pytest-xdist workers sharing this machine's GPUs (1 without
-    xdist); under torchrun the launcher owns the GPUs and the world size.
+    inside a rank; pytest reports a PlanError as a usage error before anything starts. Each
+    of these needs an explicit choice (the defaults never trigger one), so they hold in every
+    session.
     """
     if 1 in plan.world_sizes:
         raise PlanError(
@@ -152,6 +152,12 @@ def check_plan(plan: Plan, requested_device: str, *, torchrun: bool, workers: in
                 "use --allreduce-device=cpu for them"
             )
         raise PlanError(f"--allreduce-backends={names}", why)
+
+
+def check_capacity(plan: Plan, *, torchrun: bool, workers: int = 1) -> None:
+    """Refuse, naming the option, world sizes this machine (or each xdist worker's share of
+    its GPUs) cannot hold. `workers` is the number of pytest-xdist workers sharing the GPUs
+    (1 without xdist); under torchrun the launcher owns the GPUs and the world size."""
     if plan.device == "cuda" and not torchrun:
         largest = max(plan.world_sizes)
         share = plan.gpu_count // max(workers, 1)

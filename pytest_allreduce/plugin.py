@@ -8,12 +8,14 @@ allreduce pays only for parsing options. torch is imported when a rank pool star
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.util import find_spec
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import hookspecs
-from .options import add_options, parse_options
+from .options import OPTION_SPECS, add_options, parse_options
 
 if TYPE_CHECKING:
     from .model import Case, Job
@@ -34,7 +36,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     from . import benchmarking, xdist_roles
     from .engine import under_torchrun
-    from .plan import Plan, PlanError, check_plan, plan_warnings, visible_gpu_ids
+    from .plan import (
+        Plan,
+        PlanError,
+        check_capacity,
+        check_choices,
+        plan_warnings,
+        visible_gpu_ids,
+    )
     from .registry import BackendRegistry
     from .session import PLUGIN_NAME, AllreduceSession
 
@@ -56,8 +65,11 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as exc:
         allowed = ", ".join(["all", *registry.allowed_names()])
         raise pytest.UsageError(f"--allreduce-backends: {exc}; allowed: {allowed}") from None
+    asked = allreduce_asked_for(config)
     try:
-        check_plan(plan, options.device, torchrun=under_torchrun(), workers=workers)
+        check_choices(plan, options.device)
+        if asked:
+            check_capacity(plan, torchrun=under_torchrun(), workers=workers)
     except PlanError as exc:
         raise pytest.UsageError(str(exc)) from None
     session = AllreduceSession(options, plan, registry, config=config, role=role)
@@ -67,10 +79,55 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(benchmarking.carrier(config, session), benchmarking.PLUGIN_NAME)
     if role == "controller":
         shares = (
-            xdist_roles.split_devices(visible_gpu_ids(), workers) if plan.device == "cuda" else None
+            xdist_roles.split_devices(visible_gpu_ids(), workers)
+            if asked and plan.device == "cuda"
+            else None
         )
         controller = xdist_roles.XdistController(session, shares)
         config.pluginmanager.register(controller, xdist_roles.CONTROLLER_PLUGIN_NAME)
+
+
+def allreduce_asked_for(config: pytest.Config) -> bool:
+    """Whether this session was asked to run allreduce work: an allreduce option given (on
+    the command line or as an ini key), or the plugin's suites among what pytest collects.
+
+    The plugin is loaded into every pytest run of its environment. Only a session that asked
+    for it may fail for this machine's GPU count, or have its xdist workers' GPUs narrowed:
+    another project's `pytest -n 8` must see its GPUs as it always did.
+    """
+    for spec in OPTION_SPECS:
+        if config.getoption(spec.dest) is not None or config.getini(spec.ini) not in (None, "", []):
+            return True
+    suites = _suites_dir()
+    return suites is not None and any(
+        target == suites or suites in target.parents for target in _collection_targets(config)
+    )
+
+
+def _suites_dir() -> Path | None:
+    spec = find_spec("pytest_allreduce.suites")
+    locations = spec.submodule_search_locations if spec else None
+    return Path(next(iter(locations))).resolve() if locations else None
+
+
+def _collection_targets(config: pytest.Config) -> list[Path]:
+    """The paths pytest collects from (`--pyargs` module names resolved to their files)."""
+    targets = []
+    for arg in config.args:
+        name = arg.split("::")[0]
+        if config.getoption("pyargs"):
+            try:
+                spec = find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is not None and spec.submodule_search_locations:
+                targets += [Path(p) for p in spec.submodule_search_locations]
+                continue
+            if spec is not None and spec.origin:
+                targets.append(Path(spec.origin))
+                continue
+        targets.append(config.invocation_params.dir / name)
+    return [t.resolve() for t in targets]
 
 
 # ---- fixtures --------------------------------------------------------------------------------

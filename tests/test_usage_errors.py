@@ -14,7 +14,8 @@ import pytest
 
 import pytest_allreduce.plan as plan_module
 from pytest_allreduce.options import Options
-from pytest_allreduce.plan import Plan, PlanError, check_plan, plan_warnings
+from pytest_allreduce.plan import Plan, PlanError, check_capacity, plan_warnings
+from pytest_allreduce.plugin import allreduce_asked_for
 from pytest_allreduce.registry import BackendRegistry
 
 TEST_CASE_PY = """
@@ -102,20 +103,57 @@ def test_plan_that_cannot_run_here_is_a_usage_error_and_writes_nothing(
 def test_world_size_above_gpus_is_fine_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     """A torchrun job brings its own ranks (across nodes, GPUs of other hosts count)."""
     plan = _plan(monkeypatch, gpus=2, world_sizes=(8,), backends=("nccl",))
-    check_plan(plan, "auto", torchrun=True)
+    check_capacity(plan, torchrun=True)
     with pytest.raises(PlanError, match="world size 8 needs 8 GPUs; 2 visible"):
-        check_plan(plan, "auto", torchrun=False)
+        check_capacity(plan, torchrun=False)
 
 
 def test_xdist_share_names_the_workers_and_what_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = _plan(monkeypatch, gpus=8, world_sizes=(2, 4), backends=("nccl",))
-    check_plan(plan, "auto", torchrun=False, workers=2)
+    check_capacity(plan, torchrun=False, workers=2)
     with pytest.raises(PlanError) as refused:
-        check_plan(plan, "auto", torchrun=False, workers=4)
+        check_capacity(plan, torchrun=False, workers=4)
     assert str(refused.value) == (
         "--allreduce-world-sizes=2,4: -n 4 leaves each xdist worker 2 of the 8 visible GPUs, "
         "and world size 4 needs 4; use -n 2 or smaller world sizes"
     )
+
+
+def test_a_session_that_did_not_ask_for_allreduce_is_left_alone(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another project's tests, in an environment where the plugin is installed, on a
+    one-GPU machine: the default world size (2) does not fit, and that is not their problem."""
+    _fake_gpus(monkeypatch, 1)
+    pytester.makepyfile(test_other="def test_other():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "test_other.py")
+    assert result.ret == pytest.ExitCode.OK, result.stderr.str()
+    assert "= allreduce =" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "asked"),
+    [
+        pytest.param(["test_other.py"], None, False, id="other-tests"),
+        pytest.param(["--allreduce-world-sizes=2", "test_other.py"], None, True, id="option"),
+        pytest.param(["test_other.py"], "allreduce_hidden_sizes = 64", True, id="ini-key"),
+        pytest.param(["--pyargs", "pytest_allreduce.suites"], None, True, id="pyargs-suites"),
+        pytest.param(
+            ["--pyargs", "pytest_allreduce.suites.test_latency"], None, True, id="pyargs-module"
+        ),
+        pytest.param(["SUITES/test_numerics.py::test_numerics"], None, True, id="suites-path"),
+    ],
+)
+def test_which_sessions_asked_for_allreduce(
+    pytester: pytest.Pytester, args: list[str], ini: str | None, asked: bool
+) -> None:
+    import pytest_allreduce.suites
+
+    if ini is not None:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    suites = str(Path(pytest_allreduce.suites.__file__).parent)
+    config = pytester.parseconfig(*[a.replace("SUITES", suites) for a in args])
+    assert allreduce_asked_for(config) is asked
 
 
 def test_ranks_above_cpu_cores_are_a_warning_in_the_summary(

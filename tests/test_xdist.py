@@ -163,6 +163,17 @@ def test_each_worker_sees_its_own_gpus_and_a_share_too_small_is_a_usage_error(
     seen = {p.stem: json.loads(p.read_text()) for p in pytester.path.glob("devices-gw*.json")}
     # One test, so one worker ran it; its share is one of the two halves, not the whole.
     assert len(seen) == 1 and next(iter(seen.values())) in ("4,5", "6,7"), seen
+    for path in pytester.path.glob("devices-gw*.json"):
+        path.unlink()
+
+    # Without an allreduce option (nor the suites) the session is another project's: its
+    # workers see every GPU, as they would without this plugin.
+    untouched = pytester.runpytest_subprocess(
+        "-p", "fake_gpus", "-p", "no:cacheprovider", "-n", "2", "test_devices.py", timeout=120
+    )
+    assert untouched.ret == pytest.ExitCode.OK, untouched.stdout.str()
+    seen = {p.stem: json.loads(p.read_text()) for p in pytester.path.glob("devices-gw*.json")}
+    assert list(seen.values()) == ["4,5,6,7"], seen
 
     refused = pytester.runpytest_subprocess(
         *common, "-n", "3", "--allreduce-output-dir=out", "test_devices.py", timeout=120
