@@ -4,7 +4,8 @@ Registered with pytest's plugin manager at configure time (as pytest's junitxml,
 DSession and pytest-benchmark's session are), it parametrises the suites from the plan and
 the check table, orders the items, records every verdict from the test reports, and at
 session end selects, bisects, writes the artifacts and gates. The rank pools and the rank
-functions are the engine's (`engine.Engine`).
+functions are the engine's (`engine.Engine`). Under pytest-xdist the workers only record and
+hand their results over; the controller does the session-end work (`xdist_roles`).
 """
 
 from __future__ import annotations
