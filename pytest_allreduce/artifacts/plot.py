@@ -146,7 +146,8 @@ def latency_figure(store: ResultStore, key: GroupKey, selection: Selection, dev:
             )
         )
 
-    sizes = sorted({*data.sizes, *selection.batch_sizes}) or [1]
+    # The timed sizes (not those only a check ran at, such as a limit far above the plan).
+    sizes = sorted({*store.batch_sizes(key), *selection.batch_sizes}) or [1]
     low, high = sizes[0] / 1.3, sizes[-1] * 1.3
     ax.set_xscale("log", base=2)
     ax.set_xlim(low, high)
