@@ -54,6 +54,25 @@ def gpu_model_name() -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
+def visible_gpu_ids() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries: the variable's own
+    entries when it is set (indices, UUIDs or MIG names, kept as given), else 0..count-1.
+    A subset of these entries, set as CUDA_VISIBLE_DEVICES, narrows a child to those GPUs."""
+    count = visible_gpu_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(i) for i in range(count)]
+    return [d.strip() for d in visible.split(",") if d.strip()][:count]
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def resolve_device(requested: str, gpu_count: int) -> str:
     if requested != "auto":
         return requested
@@ -97,3 +116,89 @@ class Plan:
                 self.world_sizes, self.hidden_sizes, self.dtypes, self.variants
             )
         ]
+
+
+# ---- what makes a plan unusable here -----------------------------------------------------------
+
+
+class PlanError(ValueError):
+    """A plan that cannot run on this machine; `option` is the option to change."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+def _device_of(variant: Variant, world_sizes: tuple[int, ...]) -> set[str]:
+    return {variant.limits(ws).device for ws in world_sizes}
+
+
+def check_choices(plan: Plan, requested_device: str) -> None:
+    """Refuse, naming the option, a choice of which nothing could run here.
+
+    Such a session would skip every test and write nothing useful, or end in an error deep
+    inside a rank; pytest reports a PlanError as a usage error before anything starts. Each
+    of these needs an explicit choice (the defaults never trigger one), so they hold in every
+    session.
+    """
+    if 1 in plan.world_sizes:
+        raise PlanError(
+            "--allreduce-world-sizes",
+            "world size 1 is not a process group: an allreduce over one rank moves nothing, "
+            "and no server reads a tp1 config; use 2 or more",
+        )
+    if requested_device == "cuda" and plan.gpu_count == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        narrowed = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise PlanError(
+            "--allreduce-device=cuda",
+            f"no GPU is visible to this process{narrowed}; use --allreduce-device=cpu or auto",
+        )
+    if not any(plan.device in _device_of(v, plan.world_sizes) for v in plan.variants):
+        names = ",".join(v.name for v in plan.variants)
+        if plan.device == "cpu":
+            why = (
+                "only GPU backends were selected, and this session runs on the CPU "
+                f"({plan.gpu_count} GPUs visible); add a CPU backend (gloo, cpu_shm)"
+            )
+        else:
+            why = (
+                "only CPU backends were selected, and this session runs on cuda; "
+                "use --allreduce-device=cpu for them"
+            )
+        raise PlanError(f"--allreduce-backends={names}", why)
+
+
+def check_capacity(plan: Plan, *, torchrun: bool, workers: int = 1) -> None:
+    """Refuse, naming the option, world sizes this machine (or each xdist worker's share of
+    its GPUs) cannot hold. `workers` is the number of pytest-xdist workers sharing the GPUs
+    (1 without xdist); under torchrun the launcher owns the GPUs and the world size."""
+    if plan.device == "cuda" and not torchrun:
+        largest = max(plan.world_sizes)
+        share = plan.gpu_count // max(workers, 1)
+        if largest > share:
+            if largest <= plan.gpu_count:
+                why = (
+                    f"-n {workers} leaves each xdist worker {share} of the {plan.gpu_count} "
+                    f"visible GPUs, and world size {largest} needs {largest}; use -n "
+                    f"{plan.gpu_count // largest} or smaller world sizes"
+                )
+            else:
+                why = f"world size {largest} needs {largest} GPUs; {plan.gpu_count} visible"
+            sizes = ",".join(map(str, plan.world_sizes))
+            raise PlanError(f"--allreduce-world-sizes={sizes}", why)
+
+
+def plan_warnings(plan: Plan, *, workers: int = 1, cpus: int | None = None) -> list[str]:
+    """What may make this plan's numbers misleading, though it can run."""
+    warnings = []
+    if plan.device == "cpu":
+        cpus = usable_cpus() if cpus is None else cpus
+        ranks = max(plan.world_sizes) * max(workers, 1)
+        if ranks > cpus:
+            across = f" ({workers} xdist workers x world size {max(plan.world_sizes)})"
+            warnings.append(
+                f"{ranks} ranks{across if workers > 1 else ''} share {cpus} CPU cores: "
+                "ranks wait for a core, so latencies time the scheduler as much as the backend"
+            )
+    return warnings

@@ -8,12 +8,14 @@ allreduce pays only for parsing options. torch is imported when a rank pool star
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.util import find_spec
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import hookspecs
-from .options import add_options, parse_options
+from .options import OPTION_SPECS, add_options, parse_options
 
 if TYPE_CHECKING:
     from .model import Case, Job
@@ -32,7 +34,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
-    from .plan import Plan, gpu_model_name
+    from . import benchmarking, xdist_roles
+    from .engine import under_torchrun
+    from .plan import (
+        Plan,
+        PlanError,
+        check_capacity,
+        check_choices,
+        gpu_model_name,
+        plan_warnings,
+        visible_gpu_ids,
+    )
     from .registry import BackendRegistry
     from .session import PLUGIN_NAME, AllreduceSession
 
@@ -44,11 +56,23 @@ def pytest_configure(config: pytest.Config) -> None:
     registry.load_builtins()
     registry.load_entry_points()
     config.hook.pytest_allreduce_register_backends(registry=registry)
+    role = xdist_roles.role(config)
+    if role == "worker":
+        # Before the plan counts GPUs: this worker sees only its share from here on.
+        xdist_roles.adopt_worker_devices(config)
+    workers = xdist_roles.worker_count(config) if role == "controller" else 1
     try:
         plan = Plan.build(options, registry)
     except ValueError as exc:
         allowed = ", ".join(["all", *registry.allowed_names()])
         raise pytest.UsageError(f"--allreduce-backends: {exc}; allowed: {allowed}") from None
+    asked = allreduce_asked_for(config)
+    try:
+        check_choices(plan, options.device)
+        if asked:
+            check_capacity(plan, torchrun=under_torchrun(), workers=workers)
+    except PlanError as exc:
+        raise pytest.UsageError(str(exc)) from None
     if options.baseline is not None:
         from .config import device_label
         from .options import check_baseline_device
@@ -57,9 +81,62 @@ def pytest_configure(config: pytest.Config) -> None:
         check_baseline_device(
             options.baseline, plan.device, device_label(name) if name else None
         )
-    session = AllreduceSession(options, plan, registry)
+    session = AllreduceSession(options, plan, registry, config=config, role=role)
+    session.report.warnings += plan_warnings(plan, workers=workers)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
+    config.pluginmanager.register(benchmarking.carrier(config, session), benchmarking.PLUGIN_NAME)
+    if role == "controller":
+        shares = (
+            xdist_roles.split_devices(visible_gpu_ids(), workers)
+            if asked and plan.device == "cuda"
+            else None
+        )
+        controller = xdist_roles.XdistController(session, shares)
+        config.pluginmanager.register(controller, xdist_roles.CONTROLLER_PLUGIN_NAME)
+
+
+def allreduce_asked_for(config: pytest.Config) -> bool:
+    """Whether this session was asked to run allreduce work: an allreduce option given (on
+    the command line or as an ini key), or the plugin's suites among what pytest collects.
+
+    The plugin is loaded into every pytest run of its environment. Only a session that asked
+    for it may fail for this machine's GPU count, or have its xdist workers' GPUs narrowed:
+    another project's `pytest -n 8` must see its GPUs as it always did.
+    """
+    for spec in OPTION_SPECS:
+        if config.getoption(spec.dest) is not None or config.getini(spec.ini) not in (None, "", []):
+            return True
+    suites = _suites_dir()
+    return suites is not None and any(
+        target == suites or suites in target.parents for target in _collection_targets(config)
+    )
+
+
+def _suites_dir() -> Path | None:
+    spec = find_spec("pytest_allreduce.suites")
+    locations = spec.submodule_search_locations if spec else None
+    return Path(next(iter(locations))).resolve() if locations else None
+
+
+def _collection_targets(config: pytest.Config) -> list[Path]:
+    """The paths pytest collects from (`--pyargs` module names resolved to their files)."""
+    targets = []
+    for arg in config.args:
+        name = arg.split("::")[0]
+        if config.getoption("pyargs"):
+            try:
+                spec = find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is not None and spec.submodule_search_locations:
+                targets += [Path(p) for p in spec.submodule_search_locations]
+                continue
+            if spec is not None and spec.origin:
+                targets.append(Path(spec.origin))
+                continue
+        targets.append(config.invocation_params.dir / name)
+    return [t.resolve() for t in targets]
 
 
 # ---- fixtures --------------------------------------------------------------------------------

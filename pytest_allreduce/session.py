@@ -4,7 +4,8 @@ Registered with pytest's plugin manager at configure time (as pytest's junitxml,
 DSession and pytest-benchmark's session are), it parametrises the suites from the plan and
 the check table, orders the items, records every verdict from the test reports, and at
 session end selects, bisects, writes the artifacts and gates. The rank pools and the rank
-functions are the engine's (`engine.Engine`).
+functions are the engine's (`engine.Engine`). Under pytest-xdist the workers only record and
+hand their results over; the controller does the session-end work (`xdist_roles`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .registry import BackendRegistry
     from .selection import Selection
     from .timing import TimingPlan
+    from .xdist_roles import Role
 
 PLUGIN_NAME = "allreduce-session"
 
@@ -68,19 +70,33 @@ class SessionReport:
     notes: list[str] = field(default_factory=list)
     gate_failures: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # known before any test runs
 
 
 class AllreduceSession:
-    def __init__(self, options: Options, plan: Plan, registry: BackendRegistry) -> None:
+    def __init__(
+        self,
+        options: Options,
+        plan: Plan,
+        registry: BackendRegistry,
+        config: pytest.Config | None = None,
+        role: Role = "single",
+    ) -> None:
         self.options = options
         self.plan = plan
         self.registry = registry
+        self.config = config
+        # "worker": an xdist worker, which runs tests and hands its results to the
+        # controller; "controller": runs no test, does the session-end work from all
+        # workers' results (xdist_roles); "single": both, in this one process.
+        self.role = role
         self.store = ResultStore(plan.device)
         self.engine = Engine(options, plan, self.store)
         self.report = SessionReport()
         self._timing_plan: TimingPlan | None = None
         self.output: OutputDir | None = None  # claimed once allreduce tests are collected
         self._accuracy: AccuracyRunner | None = None
+        self._progress_shown = False
         for variant in plan.variants:
             self.store.declare(variant.info)
         self._planned_targets = set(plan.targets())
@@ -91,8 +107,31 @@ class AllreduceSession:
 
     @property
     def is_writer(self) -> bool:
-        """Only one process writes artifacts: rank 0 under torchrun, else this one."""
+        """Only one process writes artifacts: rank 0 under torchrun, never an xdist worker
+        (the controller writes from every worker's results), else this one."""
+        if self.role == "worker":
+            return False
         return not self.torchrun or int(os.environ["RANK"]) == 0
+
+    def device_name(self) -> str:
+        """The raw device name of the ranks (``torch.cuda.get_device_name()`` or "cpu")."""
+        from .fingerprint import device_name
+
+        return device_name(self.store.machine) if self.store.machine else "cpu"
+
+    def progress(self, message: str) -> None:
+        """A line on the terminal during session-end work, which can take a while after the
+        last test; none under -q, and only from the process that writes."""
+        if self.config is None or not self.is_writer or self.config.get_verbosity() < 0:
+            return
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return
+        if not self._progress_shown:
+            # Ends the test progress line, which xdist's compact output leaves open.
+            reporter.write_line("")
+            self._progress_shown = True
+        reporter.write_line(f"allreduce: {message}")
 
     @property
     def timing_plan(self) -> TimingPlan:
@@ -188,8 +227,10 @@ class AllreduceSession:
         """Claim the output dir once this session will run allreduce tests (never for a
         project that only has the plugin installed): a second session writing the same dir
         is a usage error naming the first one's pid."""
-        if not self.is_writer or not any(_item_suite(item) for item in session.items):
-            return
+        if self.is_writer and any(_item_suite(item) for item in session.items):
+            self.claim_output_dir()
+
+    def claim_output_dir(self) -> None:
         from .outputdir import OutputDir, OutputDirError
 
         try:
@@ -237,7 +278,19 @@ class AllreduceSession:
 
     # ---- session end ---------------------------------------------------------------------
 
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+    # A tryfirst wrapper, so its first half runs before every other plugin's session end:
+    # before pytest-benchmark's (which saves and tabulates the records handed to it here,
+    # bisection included) and, in an xdist worker, before xdist's own (which sends the
+    # worker's output to the controller).
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(
+        self, session: pytest.Session, exitstatus: int
+    ) -> Generator[None, None, None]:
+        if self.role == "worker":
+            from .xdist_roles import export_results
+
+            export_results(session.config, self)
+            return (yield)
         try:
             report = self.finish()
         except Exception as exc:  # artifacts failing must fail the run, loudly
@@ -246,15 +299,15 @@ class AllreduceSession:
             raise
         if report.gate_failures and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.store.availability:
-            return
         from .summary import summary_lines
 
-        terminalreporter.section("allreduce")
-        for line in summary_lines(self):
-            terminalreporter.write_line(line)
+        if lines := summary_lines(self):
+            terminalreporter.section("allreduce")
+            for line in lines:
+                terminalreporter.write_line(line)
 
     def pytest_unconfigure(self) -> None:
         try:
@@ -271,7 +324,6 @@ class AllreduceSession:
         """
         from . import artifacts, gate
         from .config import device_label
-        from .fingerprint import device_name
 
         if not self.store.latencies and not self.store.accuracy:
             return self.report
@@ -284,20 +336,31 @@ class AllreduceSession:
                         selections[key] = self._select(key)
         if not self.is_writer:
             return self.report
+        self._publish_benchmarks(selections)
         if selections and (missing := self.store.missing_suites()):
             self.report.notes.append(
                 "no backend is eligible to win: the gating suite(s) "
                 f"{', '.join(missing)} did not run in this session"
             )
+        if self.output is None and self.role == "controller":
+            # An xdist controller collects no items: it claims the dir when it writes.
+            try:
+                self.claim_output_dir()
+            except pytest.UsageError as exc:
+                self.report.errors.append(f"no artifacts written: {exc}")
         if self.output is None:
             return self.report
         self.report.notes += [f"removed {p}, left by a killed session" for p in self.engine.swept]
-        label = device_label(device_name(self.store.machine)) if self.store.machine else "cpu"
+        label = device_label(self.device_name())
+        count = artifacts.planned_file_count(selections)
+        self.progress(f"writing {count} artifacts to {self.options.output_dir}")
         # Every artifact of this run is staged, then swapped in together: the output dir
         # never holds files of two runs, whatever kills this process when.
         with self.output.stage() as staging:
             if selections:
-                written = artifacts.write_artifacts(self.store, selections, staging.root, label)
+                written = artifacts.write_artifacts(
+                    self.store, selections, staging.root, label, pytest_config=self.config
+                )
                 self.report.notes += written.notes
             artifacts.write_accuracy(self.store, staging.root)
             self.report.artifacts += staging.commit()
@@ -305,6 +368,7 @@ class AllreduceSession:
             gate.save_baseline(self.store, self.options.save_baseline)
             self.report.artifacts.append(self.options.save_baseline)
         if self.options.baseline is not None:
+            self.progress(f"latency gate against {self.options.baseline}")
             outcome = gate.check_baseline(self.store, self.options.baseline)
             self.report.gate_failures += [str(r) for r in outcome.regressions]
             self.report.notes += [str(n) for n in outcome.notes]
@@ -313,12 +377,37 @@ class AllreduceSession:
     def _select(self, key: GroupKey) -> Selection:
         from .selection import select_with_bisection
 
-        return select_with_bisection(
-            self.store,
-            key,
-            measure_size=lambda rows: self.measure_size(key, rows),
-            agree=lambda points: self.engine.agree(key.world_size, points),
+        timed = {c.target.backend for c, _ in self.store.latencies if c.target.group_key == key}
+        self.progress(
+            f"selection for {_group_label(key)}: {len(self.store.batch_sizes(key))} sizes, "
+            f"{len(timed)} backends"
         )
+
+        def agree(points: list[int]) -> list[int]:
+            agreed = self.engine.agree(key.world_size, points)
+            if agreed:
+                count = f"{len(agreed)} size{'s' if len(agreed) > 1 else ''}"
+                sizes = ", ".join(map(str, agreed))
+                self.progress(f"bisection: {count} for {_group_label(key)} ({sizes})")
+            return agreed
+
+        return select_with_bisection(
+            self.store, key, measure_size=lambda rows: self.measure_size(key, rows), agree=agree
+        )
+
+    def _publish_benchmarks(self, selections: dict[GroupKey, Selection]) -> None:
+        """Every latency of the session, as records of pytest-benchmark's own session."""
+        if self.config is None:
+            return
+        from .artifacts.benchmark import benchmark_records
+        from .benchmarking import publish
+
+        try:
+            records = benchmark_records(self.store, selections, self.device_name())
+        except ImportError:
+            return  # pytest-benchmark is not installed
+        if publish(self.config, records):
+            self.progress(f"pytest-benchmark: {len(records)} records")
 
     def measure_size(self, key: GroupKey, rows: int) -> None:
         """At a size between two measured ones: every check of the table that runs at each
@@ -367,6 +456,10 @@ class AllreduceSession:
             test_id,
         )
         self.record_verdict(case, verdict)
+
+
+def _group_label(key: GroupKey) -> str:
+    return f"tp{key.world_size} h{key.hidden} {key.dtype}"
 
 
 def _item_param(item: pytest.Item, name: str) -> Any:

@@ -1,8 +1,16 @@
-"""Latency of the bare allreduce and of the server's fused job, per backend and batch size."""
+"""Latency of the bare allreduce and of the server's fused job, per backend and batch size.
+
+`allreduce_benchmark` makes these tests pytest-benchmark's benchmarks when it is installed
+(`--benchmark-only` runs them, `--benchmark-skip` skips them); the records it reports are
+the plugin's own timings, handed over at session end.
+"""
 
 import pytest
 
-pytestmark = pytest.mark.allreduce_suite("latency")
+pytestmark = [
+    pytest.mark.allreduce_suite("latency"),
+    pytest.mark.usefixtures("allreduce_benchmark"),
+]
 
 
 @pytest.mark.parametrize("job", ["allreduce", "fused"])

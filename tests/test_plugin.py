@@ -303,9 +303,18 @@ def test_real_suites_write_the_config_evidence_report_and_plot(pytester: pytest.
     assert "backend matrix (cpu):" in summary
     assert re.search(r"^\s+gloo\s+tp2\s+ran\s*$", summary, re.M), summary
     assert re.search(r"^\s+cpu_shm\s+tp2\s+ran\s*$", summary, re.M), summary
+    # The GPU backends are one line on the CPU (issue 14: not one row each).
     assert re.search(
-        r"^\s+nccl\s+tp2\s+skipped\s+a cuda backend; this session runs on cpu$", summary, re.M
+        r"^\s+\d+ cuda backends\s+tp2\s+skipped\s+built for cuda; this session runs on cpu: "
+        r"(\w+, )*nccl, ",
+        summary,
+        re.M,
     ), summary
+    assert not re.search(r"^\s+nccl\s+tp2", summary, re.M), summary
+    # The session-end work says what it does while it runs, before the summary.
+    progress = "\n".join(lines[: lines.index(next(ln for ln in lines if "= allreduce =" in ln))])
+    assert "allreduce: selection for tp2 h4096 bfloat16: " in progress, progress
+    assert re.search(r"^allreduce: writing 5 artifacts to out$", progress, re.M), progress
     assert re.search(r"^artifacts \(\d+ files\) in out:$", summary, re.M), summary
     for artifact in (CONFIG, EVIDENCE, REPORT, PLOT):
         assert re.search(rf"^\s+{re.escape(str(Path('out', artifact)))}$", summary, re.M), artifact
@@ -332,8 +341,11 @@ def test_second_run_replaces_artifacts_atomically_and_a_usage_error_touches_noth
         "--allreduce-timeout=60",
     )
     out = pytester.path / "out"
-    first = pytester.runpytest_subprocess(*common, "--allreduce-batch-sizes=1,8", timeout=300)
+    first = pytester.runpytest_subprocess(
+        *common, "--allreduce-batch-sizes=1,8", "-q", timeout=300
+    )
     assert first.ret == pytest.ExitCode.OK, first.stdout.str()
+    assert "allreduce: " not in first.stdout.str()  # no progress lines under -q
     assert set(_check_config(out / CONFIG)) == {"1", "8"}
     files_first = _files(out)
     assert {str(CONFIG), str(EVIDENCE), str(REPORT)} <= files_first.keys()

@@ -12,10 +12,12 @@ Written under the output dir:
   cannot be audited; with it, anyone can re-check a choice.
 - ``tp{N}/allreduce_report_hidden={H},dtype={D},device={DEV}.md``: the human summary.
 - ``tp{N}/allreduce_latency_hidden={H},dtype={D},device={DEV}.png``: fused-job latency
-  against batch size per backend, the chosen backend ringed (needs matplotlib; skipped
-  with a note without it).
-- ``benchmark.json``: the latencies in the structure pytest-benchmark's ``--benchmark-json``
-  writes, so ``pytest-benchmark compare`` and dashboards built for it can read our runs.
+  against batch size per backend with its spread, the chosen backend per size as a strip and
+  its speed-up over the server without a config (needs matplotlib; skipped with a note
+  without it).
+- ``benchmark.json``: the latencies as pytest-benchmark's own records, in the document its
+  ``--benchmark-json`` writes (so ``pytest-benchmark compare`` and dashboards built for it
+  read our runs); written only where pytest-benchmark is installed.
 
 One module per format; every file goes through `atomic.atomic_write`: a reader, or a
 server started mid-run, sees the previous file or the new one, never half of one.
@@ -26,18 +28,23 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError, config_path, device_label
 from ..model import GroupKey
 from ..results import ResultStore
 from ..selection import Selection
 from .atomic import atomic_write, dumps_json
-from .benchmark import BENCHMARK_JSON, benchmark_json
+from .benchmark import BENCHMARK_JSON, benchmark_document, benchmark_records, dumps_benchmark
 from .config import default_config_dtype, write_config
 from .evidence import evidence
 from .plot import plot_png
 from .report import report
+
+if TYPE_CHECKING:
+    import pytest
 
 
 def write_accuracy(store: ResultStore, output_dir: str | os.PathLike[str]) -> list[Path]:
@@ -71,6 +78,7 @@ def write_artifacts(
     output_dir: str | os.PathLike[str],
     device_name: str,
     config_dtype_for: Callable[[int, int], str] | None = None,
+    pytest_config: pytest.Config | None = None,
 ) -> WrittenArtifacts:
     """Write every artifact; return the paths written, with `.notes` on what was skipped.
 
@@ -78,7 +86,8 @@ def write_artifacts(
     "first planned dtype"). `config_dtype_for(world_size, hidden)` names the dtype whose
     selection goes into the config; by default `default_config_dtype` over the planned
     dtypes found in `selections`. `device_name` is the raw device name
-    (``torch.cuda.get_device_name()`` or ``"cpu"``).
+    (``torch.cuda.get_device_name()`` or ``"cpu"``). `pytest_config`, where given, lets
+    pytest-benchmark's hooks build benchmark.json (see `benchmark.benchmark_document`).
     """
     out = Path(output_dir)
     dev = device_label(device_name)
@@ -139,9 +148,30 @@ def write_artifacts(
                 continue
             written.append(atomic_write(tp_dir / f"allreduce_latency_{stem}.png", png))
 
-    written.append(
-        atomic_write(
-            out / BENCHMARK_JSON, dumps_json(benchmark_json(store, selections, device_name))
+    try:
+        records = benchmark_records(store, selections, device_name)
+    except ImportError:
+        written.notes.append(
+            f"{BENCHMARK_JSON} not written: pytest-benchmark is not installed "
+            "(pip install pytest-benchmark)"
         )
-    )
+    else:
+        document = benchmark_document(records, store, device_name, pytest_config)
+        written.append(atomic_write(out / BENCHMARK_JSON, dumps_benchmark(document)))
     return written
+
+
+def planned_file_count(selections: Mapping[GroupKey, Selection]) -> int:
+    """How many files `write_artifacts` writes for `selections`, barring errors (for the
+    progress line before it starts): per (world size, hidden) the evidence and, where the
+    config's selection has a winner, the config; per group a report and, with matplotlib,
+    a plot; and benchmark.json with pytest-benchmark."""
+    shapes: dict[tuple[int, int], list[GroupKey]] = defaultdict(list)
+    for key in selections:
+        shapes[(key.world_size, key.hidden)].append(key)
+    count = 0
+    for (ws, hidden), keys in shapes.items():
+        config_dtype = default_config_dtype([k.dtype for k in keys])
+        count += 1 + bool(selections[GroupKey(ws, hidden, config_dtype)].choices)
+        count += len(keys) * (1 + bool(find_spec("matplotlib")))
+    return count + bool(find_spec("pytest_benchmark"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..model import GroupKey, Latency, Target
@@ -83,3 +83,30 @@ def availability_rows(store: ResultStore, world_size: int, ran: Iterable[str]) -
             "limits": {},
         }
     return [rows[n] for n in sorted(rows)]
+
+
+def for_another_device(limits: Mapping[str, Any], available: bool, device: str) -> bool:
+    """A backend refused only because it is built for another device than the session's."""
+    return not available and limits.get("device") not in (None, device)
+
+
+def collapse_other_device(rows: list[dict], device: str) -> list[dict]:
+    """`availability_rows` with the backends built for another device on one row: on a CPU
+    machine, the GPU backends are one fact, not seventeen."""
+    others = [r for r in rows if for_another_device(r["limits"], r["available"], device)]
+    if len(others) < 2:
+        return rows
+    kept = [r for r in rows if r not in others]
+    their_device = "/".join(sorted({r["limits"]["device"] for r in others}))
+    names = ", ".join(r["backend"] for r in others)
+    kept.append(
+        {
+            "backend": f"{len(others)} {their_device} backends",
+            "backend_type": None,
+            "available": False,
+            "status": "skipped",
+            "reason": f"built for {their_device}; this session runs on {device}: {names}",
+            "limits": {},
+        }
+    )
+    return kept

@@ -11,7 +11,7 @@ from ..model import GroupKey
 from ..results import ResultStore
 from ..selection import MIN_GAIN, SELECTION_JOB, Selection, standard_type
 from .config import CONFIG_DTYPE_RULE
-from .index import availability_rows, group_data, suites_shown
+from .index import availability_rows, collapse_other_device, group_data, suites_shown
 
 
 def _fmt_us(value: float | None) -> str:
@@ -78,7 +78,7 @@ def report(
         "| backend | config type | fused kernel | status | reason |",
         "|---|---|---|---|---|",
     ]
-    for row in availability_rows(store, key.world_size, ran):
+    for row in collapse_other_device(availability_rows(store, key.world_size, ran), store.device):
         fused = "yes" if store.fused(row["backend"]) else "no"
         lines.append(
             f"| {row['backend']} | {row['backend_type'] or '-'} | {fused} | {row['status']} "
