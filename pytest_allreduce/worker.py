@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import nccl_env
 from .context import RankContext
 
 STOP = None  # the message that ends a rank's loop
@@ -38,6 +39,7 @@ def init_rank_context(device_type: str, timeout_s: float) -> RankContext:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     timeout = timedelta(seconds=timeout_s)
     if device_type == "cuda":
+        nccl_env.apply_rank_settings()  # before the first communicator: NCCL reads it once
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timeout, device_id=device)
