@@ -32,7 +32,7 @@ GRAPH_MIXING_SWITCH = "PYTEST_ALLREDUCE_NCCL_GRAPH_MIXING"
 def rank_settings(environ: MutableMapping[str, str]) -> dict[str, str]:
     """The NCCL variables a rank gets on top of `environ` (those the user set are kept).
     ValueError naming the switch when it holds anything but 0 or 1."""
-    switch = environ.get(GRAPH_MIXING_SWITCH, "0").strip()
+    switch = environ.get(GRAPH_MIXING_SWITCH, "").strip() or "0"
     if switch not in ("0", "1"):
         raise ValueError(
             f"{GRAPH_MIXING_SWITCH}={switch!r}: expected 0 (NCCL graph mixing off in the "
