@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -179,56 +178,33 @@ def measure_ours(
 ) -> tuple[dict[int, dict[str, Any]], dict[str, Any], list[str]]:
     """Per size: each backend's Latency (bare allreduce), timed together as the latency suite
     times them. Returns (per size {backend: Latency}, the machine fingerprint, problems)."""
-    from pytest_allreduce.engine import Engine
+    from pytest_allreduce.engine import standalone_engine
     from pytest_allreduce.model import Target
-    from pytest_allreduce.options import Options
-    from pytest_allreduce.plan import Plan
-    from pytest_allreduce.registry import BackendRegistry
-    from pytest_allreduce.results import ResultStore
     from pytest_allreduce.timing import TimingPlan
 
-    registry = BackendRegistry()
-    registry.load_builtins()
     rows = [rows_for(n, hidden, dtype) for n in sizes]
-    with tempfile.TemporaryDirectory(prefix="vs-nccl-tests-") as scratch:
-        options = Options(
-            backends=tuple(backends),
-            device=device,
-            world_sizes=(2,),
-            hidden_sizes=(hidden,),
-            batch_sizes=tuple(rows),
-            dtypes=(dtype,),
-            output_dir=Path(scratch),
-            timeout_s=timeout,
-            baseline=None,
-            save_baseline=None,
-        )
-        plan = Plan.build(options, registry)
-        store = ResultStore(plan.device)
-        engine = Engine(options, plan, store)
-        timing_plan = TimingPlan.for_device(plan.device)
-        results: dict[int, dict[str, Any]] = {}
-        problems = []
-        try:
-            for nbytes, r in zip(sizes, rows, strict=True):
-                cases = [Target(b, 2, hidden, dtype).at(r) for b in backends]
-                outcome = engine.measure_interleaved(cases, "allreduce", timing_plan)
-                results[nbytes] = {lat.case.target.backend: lat for lat in outcome.latencies}
-                problems += [
-                    f"{nbytes} B {c.target.backend} skipped: {why}"
-                    for c, why in outcome.skipped.items()
-                ]
-                problems += [
-                    f"{nbytes} B {c.target.backend} failed: {report}"
-                    for c, report in outcome.failed.items()
-                ]
-                medians = ", ".join(
-                    f"{b} {lat.median_us:.2f}" for b, lat in results[nbytes].items()
-                )
-                print(f"ours {nbytes:>10} B: {medians} us", flush=True)
-        finally:
-            engine.close()
-    return results, store.machine, problems
+    engine = standalone_engine(device, backends, 2, hidden, dtype, rows, timeout)
+    timing_plan = TimingPlan.for_device(engine.plan.device)
+    results: dict[int, dict[str, Any]] = {}
+    problems = []
+    try:
+        for nbytes, r in zip(sizes, rows, strict=True):
+            cases = [Target(b, 2, hidden, dtype).at(r) for b in backends]
+            outcome = engine.measure_interleaved(cases, "allreduce", timing_plan)
+            results[nbytes] = {lat.case.target.backend: lat for lat in outcome.latencies}
+            problems += [
+                f"{nbytes} B {c.target.backend} skipped: {why}"
+                for c, why in outcome.skipped.items()
+            ]
+            problems += [
+                f"{nbytes} B {c.target.backend} failed: {report}"
+                for c, report in outcome.failed.items()
+            ]
+            medians = ", ".join(f"{b} {lat.median_us:.2f}" for b, lat in results[nbytes].items())
+            print(f"ours {nbytes:>10} B: {medians} us", flush=True)
+    finally:
+        engine.close()
+    return results, engine.store.machine, problems
 
 
 # ---- the table ---------------------------------------------------------------------------------

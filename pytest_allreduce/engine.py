@@ -325,6 +325,43 @@ class Engine:
             )
 
 
+def standalone_engine(
+    device: str,
+    backends: Sequence[str],
+    world_size: int,
+    hidden: int,
+    dtype: str,
+    batch_sizes: Sequence[int],
+    timeout_s: float,
+) -> Engine:
+    """An engine outside pytest (the benchmarks): the built-in backends, one world size,
+    hidden size and dtype, and the batch sizes it will be asked about (set-ups hold the
+    largest). Close it when done."""
+    from pathlib import Path
+
+    from .options import Options
+    from .plan import Plan
+    from .registry import BackendRegistry
+    from .results import ResultStore
+
+    registry = BackendRegistry()
+    registry.load_builtins()
+    options = Options(
+        backends=tuple(backends),
+        device=device,
+        world_sizes=(world_size,),
+        hidden_sizes=(hidden,),
+        batch_sizes=tuple(batch_sizes),
+        dtypes=(dtype,),
+        output_dir=Path("allreduce-results"),  # never written: no session, no artifacts
+        timeout_s=timeout_s,
+        baseline=None,
+        save_baseline=None,
+    )
+    plan = Plan.build(options, registry)
+    return Engine(options, plan, ResultStore(plan.device))
+
+
 @dataclass
 class InterleavedOutcome:
     """What timing several candidates at one size together gave, per case."""

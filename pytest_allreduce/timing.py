@@ -237,7 +237,13 @@ def _late(clock: Clock, times: dict[int, RoundTimes]) -> set[int]:
 
 
 class WallClock:
-    """CPU: the CPU group's barrier aligns the ranks; perf_counter marks."""
+    """CPU: the CPU group's barrier aligns the ranks; perf_counter marks.
+
+    The barrier blocks in the kernel, so a waiting rank gives up its core and is woken with
+    the scheduler's favour. A shared-memory spin barrier leaves ranks closer together on an
+    idle host, but on a busy one the spinning rank uses up its share and is preempted inside
+    the timed op: samples came out several times slower on the 2-core development machine.
+    """
 
     sleep_us = math.inf  # nothing to outrun: the host is the device
 
