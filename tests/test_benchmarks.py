@@ -167,3 +167,32 @@ def test_probe_on_the_cpu_runs_every_launch_and_writes_its_table(tmp_path: Path)
     table = (tmp_path / "pynccl-probe.md").read_text()
     assert "| default | gloo | " in table and "| N=3 / N=1 |" in table
     assert "| mixing_off | NCCL_GRAPH_MIXING_SUPPORT=0 | n/a (no NCCL on the CPU) |" in table
+
+
+# ---- timing_invariance -------------------------------------------------------------------------
+
+invariance = _load("timing_invariance")
+
+
+def test_differencing_cancels_a_per_replay_constant() -> None:
+    # 7 us per op plus 40 us per replay (skew, graph head and tail): the estimate is 7.
+    per_op = {n: 7.0 + 40.0 / n for n in (10, 50, 200, 1000)}
+    estimate, worst, ok = invariance.verdict(per_op)
+    assert estimate == pytest.approx(7.0)
+    assert worst == pytest.approx(4.0 / 7.0) and not ok
+    flat = {10: 7.1, 50: 7.0, 200: 7.05, 1000: 7.02}
+    assert invariance.verdict(flat)[2]
+
+
+def test_timing_invariance_on_the_cpu(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "timing_invariance.py"), "--device", "cpu",
+         "--backends", "gloo", "--sizes", "8K", "--ops", "1,2", "--samples", "3",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    # Wall-clock microseconds on a shared CPU are not expected to be flat: only the plumbing.
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    record = json.loads((tmp_path / "timing-invariance.json").read_text())
+    assert set(record["per_op_median_us"]["gloo"]["8192"]) == {"1", "2"}
+    assert "| gloo | 8192 |" in (tmp_path / "timing-invariance.md").read_text()
