@@ -123,3 +123,24 @@ def test_each_backend_is_timed_together_and_judged_on_its_own(pytester: pytest.P
         f"test_latency[tp2-h64-bfloat16-bs{BAD_ROWS}-fused]",
     ]
     assert all("gives up at 8 rows" in c["detail"] for c in checks["checks"])
+
+
+def test_a_users_case_runner_still_measures_one_backend(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(
+        test_mine="""
+        def test_time_it(allreduce):
+            samples = allreduce.measure("allreduce")
+            assert len(samples) == 8 and min(samples) > 0
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--allreduce-backends=gloo",
+        "--allreduce-batch-sizes=4",
+        "--allreduce-hidden-sizes=64",
+        "--allreduce-output-dir=out",
+        timeout=120,
+    )
+    result.assert_outcomes(passed=1)
