@@ -322,9 +322,9 @@ class AllreduceSession:
                 self._record_check(case, check)
             if self.store.eligible(case):
                 eligible.append(case)
+        if not eligible:
+            return
         for job in JOBS:
-            if not eligible:
-                break
             self.measure_together(eligible, job, "bisection")
             for case, verdict in self._latency_verdicts.pop("bisection").items():
                 self.record_verdict(case, verdict)
