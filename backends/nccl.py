@@ -56,6 +56,11 @@ class NcclBackend(Backend):
             dist.all_reduce(warm, group=self.ctx.group)
             torch.cuda.synchronize(self.ctx.device)
 
+    def engaged(self) -> str:
+        from .pynccl import graph_mixing
+
+        return f"{self.spec.summary} ({graph_mixing()})"
+
     def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
         import torch.distributed as dist
 

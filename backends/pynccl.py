@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from pytest_allreduce.backend import Backend, Limits, VariantSpec
+from pytest_allreduce.nccl_env import NCCL_GRAPH_MIXING
 
 from . import _gpu
 
@@ -140,6 +141,13 @@ class NcclLibrary:
         self.check(self.lib.ncclCommDestroy(ctypes.c_void_p(comm)), "ncclCommDestroy")
 
 
+def graph_mixing() -> str:
+    """NCCL's graph-mixing setting in this rank (pytest_allreduce.nccl_env says why it matters
+    for captured back-to-back calls)."""
+    value = os.environ.get(NCCL_GRAPH_MIXING)
+    return f"{NCCL_GRAPH_MIXING}={value}" if value is not None else "NCCL graph mixing default"
+
+
 @functools.lru_cache(maxsize=1)
 def nccl_library() -> NcclLibrary:
     return NcclLibrary(find_libnccl())
@@ -197,7 +205,10 @@ class PyncclBackend(Backend):
         )
 
     def engaged(self) -> str:
-        return f"raw ncclAllReduce (NCCL {self.nccl.version()}) on torch's current stream"
+        return (
+            f"raw ncclAllReduce (NCCL {self.nccl.version()}, {graph_mixing()}) "
+            "on torch's current stream"
+        )
 
     def release(self) -> None:
         if self.comm is None:

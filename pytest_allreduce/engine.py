@@ -9,7 +9,7 @@ or starts processes is imported here on first use, never while pytest starts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .checktable import CHECKS, Check
@@ -17,7 +17,7 @@ from .context import multicast_disabled_by
 from .model import Availability, Case, Job, Latency, Target
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from .jobs import Work
     from .options import Options
@@ -234,19 +234,163 @@ class Engine:
         return CheckOutcome(check, case, problems, reports[0].engaged if reports else "")
 
     def measure(self, case: Case, job: Job, timing_plan: TimingPlan) -> Latency:
-        """The job's latency at `case`, every sample the maximum over ranks."""
-        from . import timing
+        """The job's latency at `case` alone. CaseSkipped, or RankFailure when the timing
+        failed (a rank raised, or the outputs were wrong while being timed)."""
+        from .pool import RankFailure
 
-        work = self.require(case)
-        result = self.call(
-            case.target.world_size, timing.measure, work, case.batch_size, job, timing_plan
-        )[0]
-        return Latency(
-            case=case,
-            job=job,
-            samples_us=result.samples_us,
-            ops_per_sample=result.ops_per_sample,
-            clock=result.clock,
-            message_bytes=result.message_bytes,
-            engaged=result.engaged,
-        )
+        outcome = self.measure_interleaved([case], job, timing_plan)
+        if case in outcome.skipped:
+            raise CaseSkipped(outcome.skipped[case])
+        if case in outcome.failed:
+            raise RankFailure(outcome.failed[case], {}, pool_broken=False)
+        return outcome.latencies[0]
+
+    def measure_interleaved(
+        self, cases: Sequence[Case], job: Job, timing_plan: TimingPlan
+    ) -> InterleavedOutcome:
+        """Every case that can run here, timed together: interleaved rounds, every candidate's
+        backend set up on the ranks at once (`timing.measure_interleaved`).
+
+        The cases share a world size, hidden size, dtype and batch size. Each case ends up in
+        exactly one of the outcome's latencies, skipped or failed: a candidate that fails
+        costs the others nothing but time, because a failed round is taken apart (see
+        `_time_together`).
+        """
+        from .pool import RankFailure
+
+        outcome = InterleavedOutcome()
+        runnable: list[tuple[Case, Work]] = []
+        for case in _one_size(cases):
+            try:
+                runnable.append((case, self.require(case)))
+            except CaseSkipped as skipped:
+                outcome.skipped[case] = str(skipped)
+            except RankFailure as failure:  # the availability vote failed on a rank
+                outcome.failed[case] = str(failure)
+        self._time_together(runnable, job, timing_plan, outcome)
+        return outcome
+
+    def _time_together(
+        self,
+        runnable: list[tuple[Case, Work]],
+        job: Job,
+        timing_plan: TimingPlan,
+        outcome: InterleavedOutcome,
+    ) -> None:
+        """Time `runnable` together. When that fails, each is timed alone to find the ones
+        that fail by themselves (recorded as failed), and the rest are timed together again.
+        When every one passes alone, the failure belongs to the combination, which cannot
+        be pinned on one of them: all are recorded as failed, each naming the others."""
+        from . import timing
+        from .pool import RankFailure
+
+        if not runnable:
+            return
+        first = runnable[0][0]
+        world_size, rows = first.target.world_size, first.batch_size
+
+        def time_works(works: list[Work]) -> timing.InterleavedTiming:
+            return self.call(
+                world_size, timing.measure_interleaved, works, rows, job, timing_plan
+            )[0]
+
+        try:
+            result = time_works([w for _, w in runnable])
+        except RankFailure as failure:
+            if len(runnable) == 1:
+                outcome.failed[first] = str(failure)
+                return
+            alone_ok = []
+            for case, work in runnable:
+                try:
+                    time_works([work])
+                except RankFailure as own:
+                    outcome.failed[case] = str(own)
+                else:
+                    alone_ok.append((case, work))
+            if len(alone_ok) < len(runnable):
+                self._time_together(alone_ok, job, timing_plan, outcome)
+                return
+            for case, _ in runnable:
+                others = ", ".join(c.target.backend for c, _ in runnable if c != case)
+                outcome.failed[case] = (
+                    f"passed when timed alone, failed when timed together with {others}:\n"
+                    f"{failure}"
+                )
+            return
+        for (case, _), timed in zip(runnable, result.candidates, strict=True):
+            if timed.problems:
+                outcome.failed[case] = "wrong results while being timed [{}]:\n{}".format(
+                    timed.engaged, "\n".join(timed.problems)
+                )
+                continue
+            outcome.latencies.append(
+                Latency(
+                    case=case,
+                    job=job,
+                    samples_us=timed.samples_us,
+                    ops_per_sample=result.ops_per_sample,
+                    clock=timed.clock,  # type: ignore[arg-type]
+                    message_bytes=result.message_bytes,
+                    engaged=timed.engaged,
+                )
+            )
+
+
+def standalone_engine(
+    device: str,
+    backends: Sequence[str],
+    world_size: int,
+    hidden: int,
+    dtype: str,
+    batch_sizes: Sequence[int],
+    timeout_s: float,
+) -> Engine:
+    """An engine outside pytest (the benchmarks): the built-in backends, one world size,
+    hidden size and dtype, and the batch sizes it will be asked about (set-ups hold the
+    largest). Close it when done."""
+    from pathlib import Path
+
+    from .options import Options
+    from .plan import Plan
+    from .registry import BackendRegistry
+    from .results import ResultStore
+
+    registry = BackendRegistry()
+    registry.load_builtins()
+    options = Options(
+        backends=tuple(backends),
+        device=device,
+        world_sizes=(world_size,),
+        hidden_sizes=(hidden,),
+        batch_sizes=tuple(batch_sizes),
+        dtypes=(dtype,),
+        output_dir=Path("allreduce-results"),  # never written: no session, no artifacts
+        timeout_s=timeout_s,
+        baseline=None,
+        save_baseline=None,
+    )
+    plan = Plan.build(options, registry)
+    return Engine(options, plan, ResultStore(plan.device))
+
+
+@dataclass
+class InterleavedOutcome:
+    """What timing several candidates at one size together gave, per case."""
+
+    latencies: list[Latency] = field(default_factory=list)  # the measured cases, in input order
+    skipped: dict[Case, str] = field(default_factory=dict)  # why each could not run here
+    failed: dict[Case, str] = field(default_factory=dict)  # the report, per failed case
+
+    def cases(self) -> list[Case]:
+        return [lat.case for lat in self.latencies] + [*self.skipped, *self.failed]
+
+
+def _one_size(cases: Sequence[Case]) -> list[Case]:
+    """The cases, refused unless they share a world size, hidden, dtype and batch size."""
+    shapes = {(c.target.group_key, c.batch_size) for c in cases}
+    if len(shapes) > 1:
+        raise ValueError(f"interleaved timing needs one shape, got {sorted(shapes)}")
+    if len(set(cases)) != len(cases):
+        raise ValueError("interleaved timing got the same case twice")
+    return list(cases)

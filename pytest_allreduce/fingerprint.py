@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from . import nccl_env
 from .context import RankContext, multicast_disabled_by
 
 # How long any one external query may take; a wedged driver must not hang the session.
@@ -164,6 +165,7 @@ def collect(ctx: RankContext) -> dict[str, Any]:
         "cpu_count": _probe(os.cpu_count),
         "cpu_count_usable": _probe(_usable_cpus),
         "multicast_disabled_by": _probe(multicast_disabled_by),
+        "nccl_environment": _probe(nccl_env.in_effect),
         "topology": cuda_only(lambda: _run(["nvidia-smi", "topo", "-m"]).rstrip()),
     }
     for key, (dists, module) in LIBRARIES.items():

@@ -212,7 +212,14 @@ def exact_inputs(
     no more than the input, while every rank's values still differ (reading a peer's buffer
     twice, or one at the wrong offset, changes the sum).
     """
-    base = integer_base(seed, rows, hidden, device)
+    return exact_from_base(integer_base(seed, rows, hidden, device), rank, world_size, dtype)
+
+
+def exact_from_base(
+    base: torch.Tensor, rank: int, world_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exact_inputs' rule on a given integer base (e.g. the first rows of a larger draw)."""
+    base = base.double()
     scale = [1 + r % 2 for r in range(world_size)]
     shift = [r % 5 - 2 for r in range(world_size)]
     mine = (scale[rank] * base + shift[rank]).to(dtype)

@@ -87,7 +87,7 @@ class Latency:
     job: Job
     samples_us: list[float]
     ops_per_sample: int
-    clock: Literal["cuda_graph", "wall_clock"]
+    clock: Literal["cuda_graph", "cuda_eager", "wall_clock"]  # cuda_eager: cannot be captured
     message_bytes: int
     # The code path that actually ran (e.g. "fused kernel" or "composed"), so a silent
     # fallback inside a backend shows up in the evidence instead of being mistaken for it.

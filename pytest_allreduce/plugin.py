@@ -18,8 +18,8 @@ from . import hookspecs
 from .options import OPTION_SPECS, add_options, parse_options
 
 if TYPE_CHECKING:
-    from .model import Case, Job
-    from .session import AccuracyCall, AllreduceSession, CheckCall
+    from .model import Case, Job, Latency
+    from .session import AccuracyCall, AllreduceSession, CheckCall, LatencyCall
 
 SESSION_KEY = pytest.StashKey["AllreduceSession"]()
 
@@ -198,6 +198,40 @@ def allreduce_check(
     runner = CheckRunner(allreduce_session, request.param)
     _require(allreduce_session, runner.call.case)
     return runner
+
+
+class LatencyRunner:
+    """Every runnable candidate at one size, timed together (interleaved rounds); the test
+    fails naming each candidate that failed, and each candidate's verdict is its own."""
+
+    def __init__(self, session: AllreduceSession, call: LatencyCall, test_id: str) -> None:
+        self.session = session
+        self.call = call
+        self.test_id = test_id
+
+    def measure(self, job: Job) -> list[Latency]:
+        outcome = self.session.measure_together(self.call.cases, job, self.test_id)
+        if outcome.failed:
+            pytest.fail(
+                "\n\n".join(
+                    f"{case.target.backend} failed:\n{report}"
+                    for case, report in outcome.failed.items()
+                ),
+                pytrace=False,
+            )
+        if not outcome.latencies:
+            pytest.skip(
+                "; ".join(f"{case.target.backend}: {why}" for case, why in outcome.skipped.items())
+            )
+        return outcome.latencies
+
+
+@pytest.fixture
+def allreduce_latency(
+    allreduce_session: AllreduceSession, request: pytest.FixtureRequest
+) -> LatencyRunner:
+    """Every runnable candidate at one size (parametrised by the session), ready to time."""
+    return LatencyRunner(allreduce_session, request.param, request.node.nodeid)
 
 
 class RankRunner:

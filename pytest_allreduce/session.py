@@ -19,13 +19,14 @@ import pytest
 
 from .checktable import CHECKS, Check, checks_at_each_size, checks_of, suite_rank
 from .engine import CaseSkipped, Engine
-from .model import JOBS, Case, GroupKey, Latency, Target, Verdict
+from .model import JOBS, Case, GroupKey, Job, Latency, Target, Verdict
 from .results import ResultStore
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
     from .accuracy.runner import AccuracyRunner
+    from .engine import InterleavedOutcome
     from .options import Options
     from .outputdir import OutputDir
     from .plan import Plan
@@ -60,6 +61,34 @@ class AccuracyCall:
     @property
     def label(self) -> str:
         return f"endpoint-{self.name}" if self.endpoint else f"{self.name}-tp{self.world_size}"
+
+
+@dataclass(frozen=True)
+class LatencyCall:
+    """One parametrisation of the latency suite: every runnable candidate at one size, timed
+    together so that drift over the run hits them alike."""
+
+    key: GroupKey
+    batch_size: int
+    targets: tuple[Target, ...]
+
+    @property
+    def cases(self) -> list[Case]:
+        return [t.at(self.batch_size) for t in self.targets]
+
+    @property
+    def label(self) -> str:
+        return f"{self.key.label}-bs{self.batch_size}"
+
+
+def latency_verdicts(outcome: InterleavedOutcome, test_id: str) -> dict[Case, Verdict]:
+    """One latency verdict per case of an interleaved timing, each against its own backend."""
+    verdicts = {lat.case: Verdict("latency", "passed", "", test_id) for lat in outcome.latencies}
+    for case, why in outcome.skipped.items():
+        verdicts[case] = Verdict("latency", "skipped", why, test_id)
+    for case, report in outcome.failed.items():
+        verdicts[case] = Verdict("latency", "failed", report[-2000:], test_id)
+    return verdicts
 
 
 @dataclass
@@ -97,6 +126,8 @@ class AllreduceSession:
         self.output: OutputDir | None = None  # claimed once allreduce tests are collected
         self._accuracy: AccuracyRunner | None = None
         self._progress_shown = False
+        # Per latency test (node id): each candidate's verdict, until its report is made.
+        self._latency_verdicts: dict[str, dict[Case, Verdict]] = {}
         for variant in plan.variants:
             self.store.declare(variant.info)
         self._planned_targets = set(plan.targets())
@@ -191,6 +222,17 @@ class AllreduceSession:
             calls += [AccuracyCall(n, ws) for n in dict.fromkeys(names)]
         return calls
 
+    def latency_calls(self) -> list[LatencyCall]:
+        """One call per (world size, hidden, dtype, batch size), candidates in plan order."""
+        by_key: dict[GroupKey, list[Target]] = {}
+        for target in self.runnable_targets():
+            by_key.setdefault(target.group_key, []).append(target)
+        return [
+            LatencyCall(key, bs, tuple(targets))
+            for key, targets in by_key.items()
+            for bs in self.plan.batch_sizes
+        ]
+
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "allreduce_accuracy" in metafunc.fixturenames:
             calls = self.accuracy_calls()
@@ -208,6 +250,14 @@ class AllreduceSession:
             metafunc.parametrize(
                 "allreduce_check", calls, indirect=True, ids=[c.label for c in calls]
             )
+        elif "allreduce_latency" in metafunc.fixturenames:
+            latency_calls = self.latency_calls()
+            metafunc.parametrize(
+                "allreduce_latency",
+                latency_calls,
+                indirect=True,
+                ids=[c.label for c in latency_calls],
+            )
         elif "allreduce_case" in metafunc.fixturenames:
             cases = [t.at(bs) for t in self.runnable_targets() for bs in self.plan.batch_sizes]
             metafunc.parametrize("allreduce_case", cases, ids=[c.label for c in cases])
@@ -216,10 +266,14 @@ class AllreduceSession:
         # Group by world size so each pool starts once, and check before timing.
         def key(item: pytest.Item) -> tuple[int, int]:
             case = _item_case(item)
+            latency = _item_param(item, "allreduce_latency")
             accuracy = _item_param(item, "allreduce_accuracy")
             suite = _item_suite(item)
+            rank = suite_rank(suite) if suite else len(CHECKS)
+            if isinstance(latency, LatencyCall):
+                return (latency.key.world_size, rank)
             ws = case.target.world_size if case else getattr(accuracy, "world_size", 0)
-            return (ws, suite_rank(suite) if suite else len(CHECKS))
+            return (ws, rank)
 
         items.sort(key=key)
 
@@ -251,13 +305,34 @@ class AllreduceSession:
         case = _item_case(item)
         suite = _item_suite(item)
         decisive = report.when == "call" or (report.when == "setup" and not report.passed)
-        if case is not None and suite is not None and decisive:
-            detail = report.longreprtext[-2000:] if report.failed else ""
-            if report.skipped and isinstance(report.longrepr, tuple):
-                detail = str(report.longrepr[2])
-            verdict = Verdict(suite, report.outcome, detail, item.nodeid)  # type: ignore[arg-type]
-            self.record_verdict(case, verdict)
+        latency = _item_param(item, "allreduce_latency")
+        if isinstance(latency, LatencyCall) and suite is not None and decisive:
+            self._record_latency_item(latency, _report_verdict(suite, report, item.nodeid))
+        elif case is not None and suite is not None and decisive:
+            self.record_verdict(case, _report_verdict(suite, report, item.nodeid))
         return report
+
+    def _record_latency_item(self, call: LatencyCall, item_verdict: Verdict) -> None:
+        """Each candidate's own verdict; the item's outcome where the test ended before the
+        timing gave one, or failed outside it."""
+        verdicts = self._latency_verdicts.pop(item_verdict.test_id, {})
+        failed_outside = item_verdict.outcome == "failed" and not any(
+            v.outcome == "failed" for v in verdicts.values()
+        )
+        for case in call.cases:
+            verdict = verdicts.get(case)
+            if verdict is None or (failed_outside and verdict.outcome == "passed"):
+                verdict = item_verdict
+            self.record_verdict(case, verdict)
+
+    def measure_together(self, cases: list[Case], job: Job, test_id: str) -> InterleavedOutcome:
+        """Time the cases interleaved (`Engine.measure_interleaved`), record every latency,
+        and keep each case's verdict for the test's report (under `test_id`)."""
+        outcome = self.engine.measure_interleaved(cases, job, self.timing_plan)
+        for latency in outcome.latencies:
+            self.record_latency(latency)
+        self._latency_verdicts[test_id] = latency_verdicts(outcome, test_id)
+        return outcome
 
     def record_verdict(self, case: Case, verdict: Verdict) -> None:
         if case.target in self._planned_targets:
@@ -411,9 +486,9 @@ class AllreduceSession:
 
     def measure_size(self, key: GroupKey, rows: int) -> None:
         """At a size between two measured ones: every check of the table that runs at each
-        size, recorded under its own suite, then the timing where all of them passed."""
-        from .pool import RankFailure
-
+        size, recorded under its own suite, then the candidates that passed all of them, timed
+        together."""
+        eligible = []
         for target in sorted(self._planned_targets):
             if target.group_key != key or not self.store.server_type(target.backend):
                 continue
@@ -423,17 +498,14 @@ class AllreduceSession:
             case = target.at(rows)
             for check in checks_at_each_size():
                 self._record_check(case, check)
-            if not self.store.eligible(case):
-                continue
-            for job in JOBS:
-                try:
-                    self.record_latency(self.engine.measure(case, job, self.timing_plan))
-                except CaseSkipped:
-                    break
-                except RankFailure as failure:
-                    verdict = Verdict("latency", "failed", str(failure)[:2000], "bisection")
-                    self.record_verdict(case, verdict)
-                    break
+            if self.store.eligible(case):
+                eligible.append(case)
+        if not eligible:
+            return
+        for job in JOBS:
+            self.measure_together(eligible, job, "bisection")
+            for case, verdict in self._latency_verdicts.pop("bisection").items():
+                self.record_verdict(case, verdict)
 
     def _record_check(self, case: Case, check: Check) -> None:
         from .pool import RankFailure
@@ -460,6 +532,13 @@ class AllreduceSession:
 
 def _group_label(key: GroupKey) -> str:
     return f"tp{key.world_size} h{key.hidden} {key.dtype}"
+
+
+def _report_verdict(suite: str, report: pytest.TestReport, test_id: str) -> Verdict:
+    detail = report.longreprtext[-2000:] if report.failed else ""
+    if report.skipped and isinstance(report.longrepr, tuple):
+        detail = str(report.longrepr[2])
+    return Verdict(suite, report.outcome, detail, test_id)  # type: ignore[arg-type]
 
 
 def _item_param(item: pytest.Item, name: str) -> Any:

@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from . import nccl_env
 from .context import RankContext
 
 STOP = None  # the message that ends a rank's loop
@@ -73,6 +74,7 @@ def init_rank_context(
         {} if store is None else {"store": store, "rank": rank, "world_size": world_size}
     )
     if device_type == "cuda":
+        nccl_env.apply_rank_settings()  # before the first communicator: NCCL reads it once
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timeout, device_id=device, **rendezvous)

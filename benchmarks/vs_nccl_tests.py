@@ -1,0 +1,368 @@
+"""nccl-tests' all_reduce_perf -G beside this plugin's own timing, in one run on the GPU machine.
+
+Builds all_reduce_perf (nccl-tests 2.19.6, against the NCCL library torch loads) with the tools
+folder's build-on-device.sh, runs
+
+    all_reduce_perf -g 2 -b 8K -e 64M -f 2 -d bfloat16 -n 50 -w 10 -G 20 -c 1
+
+(one process driving both GPUs; per size, 50 ops captured in one graph launched 20 times and
+timed with the host clock, so each figure covers 1000 ops), reads its out-of-place times, then
+times the plugin's nccl and pynccl backends at the same byte sizes (bfloat16, hidden 4096: 8 KiB
+is 1 row, 64 MiB 8192 rows) with the code the latency suite runs (Engine.measure_interleaved,
+the bare allreduce job), and writes to --out (default $OUT):
+
+    vs-nccl-tests.md        the table, each backend's difference from nccl-tests, the 5% goal
+    vs-nccl-tests.json      [{"bytes", "nccl_tests_us", "pynccl_us", "nccl_us"}, ...]
+    vs-nccl-tests-run.json  everything behind it: commands, raw output, samples, fingerprint
+
+nccl_tests_us is nccl-tests under the NCCL settings the plugin's ranks run with
+(pytest_allreduce.nccl_env); the table also shows it under NCCL's own defaults.
+
+    python benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests
+    python benchmarks/vs_nccl_tests.py --device cpu --backends gloo,cpu_shm \\
+        --nccl-tests-output recorded.txt --max-bytes 32K    # our side only, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+NCCL_TESTS_HOME = Path("/tmp/nccl-tests")  # where build-on-device.sh builds
+ALL_REDUCE_PERF = NCCL_TESTS_HOME / "build" / "all_reduce_perf"
+GOAL = 0.05  # the raw-NCCL path within 5% of nccl-tests -G
+RAW_NCCL_BACKEND = "pynccl"
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+NCCL_TESTS_TYPE = {"bfloat16": "bfloat16", "float16": "half", "float32": "float"}
+
+
+@dataclass(frozen=True)
+class NcclTestsRow:
+    """One result line of all_reduce_perf: out-of-place and in-place time, wrong counts."""
+
+    bytes: int
+    count: int
+    type: str
+    oop_us: float
+    oop_wrong: int | None  # None when not checked (-c 0 prints N/A)
+    ip_us: float
+    ip_wrong: int | None
+
+
+def _wrong(text: str) -> int | None:
+    return None if text == "N/A" else int(text)
+
+
+def parse_all_reduce_perf(text: str) -> list[NcclTestsRow]:
+    """The result lines of all_reduce_perf's output, in order.
+
+    Header and footer lines start with '#'; log lines (NCCL INFO/WARN, build banners) do not
+    start with a number and are skipped. A line that starts with a number is a result line:
+    size, count, type, redop, root, then time, algbw, busbw, #wrong out of place and the same
+    in place (extra trailing columns, -S or -I, are ignored). ValueError naming the line when
+    one is malformed, or when there is none.
+    """
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or line.lstrip().startswith("#") or not fields[0].isdigit():
+            continue
+        if len(fields) < 13:
+            raise ValueError(
+                f"all_reduce_perf output line {number}: {len(fields)} fields, expected 13 "
+                f"(size count type redop root, then time algbw busbw #wrong twice): {line!r}"
+            )
+        try:
+            rows.append(
+                NcclTestsRow(
+                    bytes=int(fields[0]),
+                    count=int(fields[1]),
+                    type=fields[2],
+                    oop_us=float(fields[5]),
+                    oop_wrong=_wrong(fields[8]),
+                    ip_us=float(fields[9]),
+                    ip_wrong=_wrong(fields[12]),
+                )
+            )
+        except ValueError as exc:
+            raise ValueError(f"all_reduce_perf output line {number}: {exc}: {line!r}") from None
+    if not rows:
+        raise ValueError("all_reduce_perf output holds no result line")
+    return rows
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    try:
+        if text and text[-1] in units:
+            return int(text[:-1]) * units[text[-1]]
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a byte size: {text!r} (e.g. 8K, 64M, 4096)") from None
+
+
+def byte_sizes(smallest: int, largest: int) -> list[int]:
+    sizes = []
+    size = smallest
+    while size <= largest:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+def rows_for(nbytes: int, hidden: int, dtype: str) -> int:
+    row = hidden * ITEMSIZE[dtype]
+    if nbytes % row or nbytes < row:
+        raise ValueError(f"{nbytes} bytes is not a whole number of {row}-byte rows")
+    return nbytes // row
+
+
+# ---- nccl-tests --------------------------------------------------------------------------------
+
+
+def build_nccl_tests(tools: Path, rebuild: bool) -> Path:
+    if ALL_REDUCE_PERF.is_file() and not rebuild:
+        print(f"reusing {ALL_REDUCE_PERF}", flush=True)
+        return ALL_REDUCE_PERF
+    script = tools / "build-on-device.sh"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: --tools must be the nccl-tests tools folder")
+    print(f"building nccl-tests with {script} (1-2 min)", flush=True)
+    subprocess.run(["bash", str(script), str(tools)], check=True, timeout=600)
+    return ALL_REDUCE_PERF
+
+
+def nccl_tests_command(
+    binary: Path, sizes: list[int], dtype: str, args: argparse.Namespace
+) -> list[str]:
+    return [
+        str(binary), "-g", "2", "-b", str(sizes[0]), "-e", str(sizes[-1]), "-f", "2",
+        "-d", NCCL_TESTS_TYPE[dtype], "-n", str(args.iters), "-w", str(args.warmup_iters),
+        "-G", str(args.graph_launches), "-c", "1",
+    ]  # fmt: skip
+
+
+def run_nccl_tests(command: list[str], settings: dict[str, str], drop: tuple[str, ...] = ()) -> str:
+    """all_reduce_perf's output, run with `settings` added to and `drop` removed from this
+    process's environment."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(settings)
+    lib_dir_file = NCCL_TESTS_HOME / "nccl-lib-dir"
+    if lib_dir_file.is_file():
+        lib_dir = lib_dir_file.read_text().strip()
+        env["LD_LIBRARY_PATH"] = f"{lib_dir}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
+    shown = " ".join(f"{k}={v}" for k, v in settings.items())
+    print(f"running {shown} {' '.join(command)}", flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(
+            f"all_reduce_perf exited with {done.returncode}:\n{done.stdout[-3000:]}\n"
+            f"{done.stderr[-3000:]}"
+        )
+    return done.stdout
+
+
+# ---- the plugin's side -----------------------------------------------------------------------
+
+
+def measure_ours(
+    device: str, backends: list[str], sizes: list[int], hidden: int, dtype: str, timeout: float
+) -> tuple[dict[int, dict[str, Any]], dict[str, Any], list[str]]:
+    """Per size: each backend's Latency (bare allreduce), timed together as the latency suite
+    times them. Returns (per size {backend: Latency}, the machine fingerprint, problems)."""
+    from pytest_allreduce.engine import standalone_engine
+    from pytest_allreduce.model import Target
+    from pytest_allreduce.timing import TimingPlan
+
+    rows = [rows_for(n, hidden, dtype) for n in sizes]
+    engine = standalone_engine(device, backends, 2, hidden, dtype, rows, timeout)
+    timing_plan = TimingPlan.for_device(engine.plan.device)
+    results: dict[int, dict[str, Any]] = {}
+    problems = []
+    try:
+        for nbytes, r in zip(sizes, rows, strict=True):
+            cases = [Target(b, 2, hidden, dtype).at(r) for b in backends]
+            outcome = engine.measure_interleaved(cases, "allreduce", timing_plan)
+            results[nbytes] = {lat.case.target.backend: lat for lat in outcome.latencies}
+            problems += [
+                f"{nbytes} B {c.target.backend} skipped: {why}"
+                for c, why in outcome.skipped.items()
+            ]
+            problems += [
+                f"{nbytes} B {c.target.backend} failed: {report}"
+                for c, report in outcome.failed.items()
+            ]
+            medians = ", ".join(f"{b} {lat.median_us:.2f}" for b, lat in results[nbytes].items())
+            print(f"ours {nbytes:>10} B: {medians} us", flush=True)
+    finally:
+        engine.close()
+    return results, engine.store.machine, problems
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+
+def relative(ours: float | None, reference: float | None) -> str:
+    if ours is None or not reference:
+        return "-"
+    return f"{(ours - reference) / reference:+.1%}"
+
+
+def report(
+    sizes: list[int],
+    reference: dict[int, NcclTestsRow],
+    defaults: dict[int, NcclTestsRow],
+    ours: dict[int, dict[str, Any]],
+    backends: list[str],
+    title: str,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the docs JSON rows, the markdown lines)."""
+    records = []
+    heads = ["bytes", "nccl-tests -G (us)"]
+    if defaults:
+        heads.append("nccl-tests -G, NCCL defaults (us)")
+    for b in backends:
+        heads += [f"{b} (us)", f"{b} vs nccl-tests"]
+    lines = [title, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    over_goal = []
+    for nbytes in sizes:
+        ref = reference[nbytes].oop_us if nbytes in reference else None
+        record: dict[str, Any] = {"bytes": nbytes, "nccl_tests_us": ref}
+        cells = [str(nbytes), f"{ref:.2f}" if ref is not None else "-"]
+        if defaults:
+            default = defaults.get(nbytes)
+            cells.append(f"{default.oop_us:.2f}" if default else "-")
+        for b in backends:
+            lat = ours.get(nbytes, {}).get(b)
+            median = round(lat.median_us, 3) if lat is not None else None
+            record[f"{b}_us"] = median
+            cells += [f"{median:.2f}" if median is not None else "-", relative(median, ref)]
+            raw = b == RAW_NCCL_BACKEND and median is not None and ref
+            if raw and abs(median - ref) / ref > GOAL:
+                over_goal.append(f"{nbytes} B ({relative(median, ref)})")
+        records.append(record)
+        lines.append("| " + " | ".join(cells) + " |")
+    if RAW_NCCL_BACKEND in backends:
+        lines += [
+            "",
+            f"Goal: {RAW_NCCL_BACKEND} within {GOAL:.0%} of nccl-tests -G at every size: "
+            + ("met." if not over_goal else f"NOT met at {', '.join(over_goal)}."),
+        ]
+    return records, lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tools", type=Path, help="the nccl-tests tools folder (build script)")
+    parser.add_argument(
+        "--nccl-tests-output",
+        type=Path,
+        help="read all_reduce_perf's output from this file instead of running it",
+    )
+    parser.add_argument("--rebuild", action="store_true", help="build nccl-tests even if built")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--backends", default="pynccl,nccl", help="plugin backends, comma list")
+    parser.add_argument("--min-bytes", default="8K")
+    parser.add_argument("--max-bytes", default="64M")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(ITEMSIZE))
+    parser.add_argument("--iters", type=int, default=50, help="all_reduce_perf -n")
+    parser.add_argument("--warmup-iters", type=int, default=10, help="all_reduce_perf -w")
+    parser.add_argument("--graph-launches", type=int, default=20, help="all_reduce_perf -G")
+    parser.add_argument(
+        "--no-defaults-run",
+        action="store_true",
+        help="skip the second nccl-tests run under NCCL's defaults",
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="bound on one rank call")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = parser.parse_args(argv)
+    if args.tools is None and args.nccl_tests_output is None:
+        parser.error("give --tools (build and run nccl-tests) or --nccl-tests-output FILE")
+    try:
+        args.sizes = byte_sizes(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes))
+        for nbytes in args.sizes:
+            rows_for(nbytes, args.hidden, args.dtype)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.sizes:
+        parser.error("--min-bytes is above --max-bytes")
+    args.backends = [b for b in args.backends.split(",") if b]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pytest_allreduce.nccl_env import NCCL_GRAPH_MIXING, rank_settings
+
+    args = parse_args(argv)
+    began = time.monotonic()
+    run: dict[str, Any] = {"argv": sys.argv if argv is None else argv}
+    defaults_rows: dict[int, NcclTestsRow] = {}
+    if args.nccl_tests_output is not None:
+        text = args.nccl_tests_output.read_text()
+        run["nccl_tests"] = {"source": str(args.nccl_tests_output), "output": text}
+    else:
+        binary = build_nccl_tests(args.tools, args.rebuild)
+        command = nccl_tests_command(binary, args.sizes, args.dtype, args)
+        settings = rank_settings(dict(os.environ))  # what the plugin's ranks add
+        text = run_nccl_tests(command, settings)
+        run["nccl_tests"] = {"command": command, "settings": settings, "output": text}
+        if not args.no_defaults_run:
+            default_text = run_nccl_tests(command, {}, drop=(NCCL_GRAPH_MIXING,))
+            defaults_rows = {r.bytes: r for r in parse_all_reduce_perf(default_text)}
+            run["nccl_tests_defaults"] = {"command": command, "output": default_text}
+    reference = {r.bytes: r for r in parse_all_reduce_perf(text)}
+    problems = [
+        f"nccl-tests found {r.oop_wrong} wrong elements at {r.bytes} B"
+        for r in reference.values()
+        if r.oop_wrong
+    ]
+    ours, machine, our_problems = measure_ours(
+        args.device, args.backends, args.sizes, args.hidden, args.dtype, args.timeout
+    )
+    problems += our_problems
+    device = machine.get("device_name", args.device)
+    title = (
+        f"# nccl-tests all_reduce_perf -G vs pytest-allreduce ({device} x 2, "
+        f"NCCL {machine.get('nccl_version', '?')}, torch {machine.get('torch_version', '?')}, "
+        f"{args.dtype}, hidden {args.hidden}, out of place)"
+    )
+    records, lines = report(args.sizes, reference, defaults_rows, ours, args.backends, title)
+    lines += [f"- problem: {p.splitlines()[0]}" for p in problems]
+    lines.append(f"\n({time.monotonic() - began:.0f} s)")
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vs-nccl-tests.json").write_text(json.dumps(records, indent=1) + "\n")
+    (args.out / "vs-nccl-tests.md").write_text("\n".join(lines) + "\n")
+    run.update(
+        machine=machine,
+        reference=[asdict(r) for r in reference.values()],
+        ours={
+            str(n): {
+                b: {
+                    "samples_us": lat.samples_us,
+                    "ops_per_sample": lat.ops_per_sample,
+                    "clock": lat.clock,
+                    "engaged": lat.engaged,
+                }
+                for b, lat in per.items()
+            }
+            for n, per in ours.items()
+        },
+        problems=problems,
+    )
+    (args.out / "vs-nccl-tests-run.json").write_text(json.dumps(run, indent=1) + "\n")
+    print(f"wrote {args.out / 'vs-nccl-tests.json'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
