@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -107,7 +106,6 @@ def test_bisection_puts_config_keys_on_both_sides_of_the_crossover(
 
 
 def test_bisection_under_torchrun_runs_on_every_rank(crossover_dir: pytest.Pytester) -> None:
-    start = time.monotonic()
     result = crossover_dir.run(
         sys.executable,
         "-m",
@@ -119,7 +117,7 @@ def test_bisection_under_torchrun_runs_on_every_rank(crossover_dir: pytest.Pytes
         *ARGS,
         timeout=300,
     )
+    # Without every rank in the session-end measurements, rank 0 would wait out the 30 s
+    # call bound and end the job with its stacks: a non-zero exit.
     assert result.ret == 0, result.stdout.str() + result.stderr.str()
-    # Without every rank in the session-end measurements, rank 0 waits out the timeout.
-    assert time.monotonic() - start < 90
     _check_crossover(crossover_dir.path / CONFIG)
