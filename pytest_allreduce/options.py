@@ -21,6 +21,11 @@ DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("float32", "float16", "bfloat16")
 # SGLang's tuner default: [1, 2] + range(32, 512, 8).
 DEFAULT_BATCH_SIZES = "1,2,32:504:8"
+# Servers chunk prefill (SGLang's chunked-prefill size is 8192 or 16384 tokens by default), so
+# no forward carries more tokens than that; the bound keeps a typo from planning set-ups of
+# gigabytes per rank (65536 rows of hidden 8192 in bfloat16 are already 1 GiB).
+MAX_TOKENS_LIMIT = 65536
+DEFAULT_MAX_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,12 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "allreduce-timeout", "120", "bound in seconds on any one distributed call (default: 120)"
     ),
+    OptionSpec(
+        "allreduce-max-tokens",
+        str(DEFAULT_MAX_TOKENS),
+        "largest token count the config must cover, prefill included: the plan gets a "
+        f"geometric tail up to it (1..{MAX_TOKENS_LIMIT}, default: {DEFAULT_MAX_TOKENS})",
+    ),
     OptionSpec("allreduce-baseline", None, "gate latency against this baseline file"),
     OptionSpec("allreduce-save-baseline", None, "write this session's latencies as a baseline"),
 )
@@ -89,6 +100,7 @@ class Options:
     timeout_s: float
     baseline: Path | None
     save_baseline: Path | None
+    max_tokens: int = DEFAULT_MAX_TOKENS  # defaulted so callers that predate it still work
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -146,6 +158,7 @@ def parse_options(config: pytest.Config) -> Options:
         timeout_s=get("allreduce-timeout", parse_timeout),
         baseline=baseline,
         save_baseline=optional_path("allreduce-save-baseline"),
+        max_tokens=get("allreduce-max-tokens", parse_max_tokens),
     )
 
 
@@ -231,6 +244,13 @@ def parse_timeout(text: str) -> float:
     return value
 
 
+def parse_max_tokens(text: str) -> int:
+    value = _positive_int(text.strip())
+    if value > MAX_TOKENS_LIMIT:
+        raise ValueError(f"{value} exceeds the largest allowed, {MAX_TOKENS_LIMIT}")
+    return value
+
+
 def describe(options: Options) -> dict[str, Any]:
     return {
         "backends": list(options.backends),
@@ -240,4 +260,5 @@ def describe(options: Options) -> dict[str, Any]:
         "batch_sizes": list(options.batch_sizes),
         "dtypes": list(options.dtypes),
         "timeout_s": options.timeout_s,
+        "max_tokens": options.max_tokens,
     }

@@ -163,7 +163,7 @@ class AllreduceSession:
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         try:
-            report = self.finish()
+            report = self.finish(int(exitstatus), session.testsfailed)
         except Exception as exc:  # artifacts failing must fail the run, loudly
             self.report.errors.append(f"{type(exc).__name__}: {exc}")
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
@@ -183,14 +183,17 @@ class AllreduceSession:
     def pytest_unconfigure(self) -> None:
         self.engine.close()
 
-    def finish(self) -> SessionReport:
+    def finish(self, exitstatus: int = 0, tests_failed: int = 0) -> SessionReport:
         """Select, bisect, write artifacts, gate. Only the writer process does the writing.
 
         Under torchrun every rank takes part in the bisection (its measurements are
-        collective), so every rank runs the selection; only rank 0 writes.
+        collective), so every rank runs the selection; only rank 0 writes. A shape whose
+        planned cases were not all covered, or a session that did not pass, writes
+        `.partial` files beside the complete ones (`coverage.py`).
         """
         from . import artifacts, gate
         from .config import device_label
+        from .coverage import coverage, session_gaps
         from .fingerprint import device_name
 
         if not self.store.latencies:
@@ -210,7 +213,10 @@ class AllreduceSession:
                 f"{', '.join(missing)} did not run in this session"
             )
         label = device_label(device_name(self.store.machine)) if self.store.machine else "cpu"
-        written = artifacts.write_artifacts(self.store, selections, self.options.output_dir, label)
+        covered = coverage(self.plan, self.store, session_gaps(exitstatus, tests_failed))
+        written = artifacts.write_artifacts(
+            self.store, selections, self.options.output_dir, label, coverage=covered
+        )
         self.report.artifacts += written
         self.report.notes += written.notes
         if self.options.save_baseline is not None:

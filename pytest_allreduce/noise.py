@@ -1,0 +1,126 @@
+"""How much of a measured speed-up noise can explain: the model every selection decision uses.
+
+A decision compares two config entries by the log ratio of their medians at a size,
+``l = ln(reference median / challenger median)`` (positive: the challenger is faster). Three
+sources of error move that ratio, and the within-run spread of the samples sees only the first:
+
+1. sampling: the standard error of each median, from its own samples;
+2. this session's independent noise per measurement (a median taken at one moment differs
+   from one taken a minute later). It shows as roughness: medians of one backend at
+   neighbouring sizes scatter around the smooth curve the backend really follows, and that
+   scatter is measured here, in the session's own data ("roughness");
+3. run-to-run drift: a whole run of one backend can sit a few percent above or below another
+   run of it (clocks, other tenants, the order backends were timed in). Within one run this is
+   a common shift of every size, so no amount of pooling over sizes removes it, and no single
+   run can see it. It is a stated floor, measured from pairs of runs (DRIFT_FLOOR).
+
+A ratio at one size then has variance ``max(sampling, 2 * roughness^2)``, and the mean of `k`
+neighbouring sizes has ``mean(variance) / k + drift^2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+from . import stats
+
+# One-sided normal quantile of the significance level every decision shares (p < 0.01).
+Z: float = NormalDist().inv_cdf(1.0 - stats.P_VALUE_MAX)
+
+# Run-to-run drift of a log ratio of two backends' medians at one size, per run (standard
+# deviation of the common shift). Measured with benchmarks/drift.py from pairs of runs of the
+# same plan on the same machine:
+# - cuda: 2 x H200, the committed runs docs/results/h200x2/{suites, suites-repeat,
+#   remeasure-h4096}: the shift of a pair of backends' mean log ratio between two runs was
+#   0.036-0.089 (rms over pairs, three pairs of runs), i.e. 0.025-0.063 per run. Those runs
+#   timed backends one after another, which puts drift on whole backends; timing candidates
+#   interleaved should shrink it, and the floor should then be re-measured.
+# - cpu: the 2-core CI machine, shared with other jobs, two runs of the CPU main job: the mean
+#   log ratio cpu_shm / gloo moved by 0.41 between runs, i.e. 0.29 per run. gloo's latency
+#   there is bimodal (scheduler wake-ups), and which mode a run catches is a property of the
+#   moment, not of the backend.
+DRIFT_FLOOR: dict[str, float] = {"cuda": 0.05, "cpu": 0.29}
+
+# Roughness is read from triples of neighbouring sizes whose outer sizes lie within this ratio
+# (wider triples would count a curve's real bend as noise), and only when enough triples exist.
+ROUGHNESS_MAX_SPAN = 2.0
+ROUGHNESS_MIN_TRIPLES = 8
+# Medians are heavy-tailed on loaded machines (an occasional slow mode), which a median
+# absolute deviation would hide: the 80th percentile of |residual| is 1.28 sigma for a normal
+# and grows with the tails.
+ROUGHNESS_QUANTILE = 0.8
+
+
+def log_median_se(samples: Sequence[float]) -> float:
+    """Standard error of ln(median of `samples`): 1.2533 sigma / sqrt(n) for a normal, with
+    sigma the robust spread of the log samples."""
+    import numpy as np
+
+    logs = np.log(np.asarray(samples, dtype=float))
+    if len(logs) < 2:
+        return 0.0
+    sigma = 1.4826 * float(np.median(np.abs(logs - np.median(logs))))
+    return 1.2533 * sigma / math.sqrt(len(logs))
+
+
+def roughness(curves: Mapping[str, Mapping[int, float]]) -> tuple[float, int]:
+    """(sigma of one median's independent noise, number of triples it was read from).
+
+    For each backend's medians over sizes, each median is compared with the straight line
+    (in log size, log time) through its two neighbours; for independent noise of sigma per
+    median the residual has sigma * sqrt(1 + w^2 + (1 - w)^2), w the neighbours' weights.
+    Returns (0.0, n) when fewer than ROUGHNESS_MIN_TRIPLES triples qualify.
+    """
+    import numpy as np
+
+    residuals = []
+    for medians in curves.values():
+        points = sorted((size, t) for size, t in medians.items() if t > 0)
+        for (a, ta), (b, tb), (c, tc) in zip(points, points[1:], points[2:], strict=False):
+            if c > a * ROUGHNESS_MAX_SPAN:
+                continue
+            w = (math.log(b) - math.log(a)) / (math.log(c) - math.log(a))
+            line = (1 - w) * math.log(ta) + w * math.log(tc)
+            residuals.append((math.log(tb) - line) / math.sqrt(1 + w * w + (1 - w) ** 2))
+    if len(residuals) < ROUGHNESS_MIN_TRIPLES:
+        return 0.0, len(residuals)
+    quantile = float(np.quantile(np.abs(residuals), ROUGHNESS_QUANTILE))
+    return quantile / NormalDist().inv_cdf(0.5 + ROUGHNESS_QUANTILE / 2), len(residuals)
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    drift: float  # run-to-run drift of a log ratio (the stated floor)
+    roughness: float  # this session's independent noise of one median, from its data
+    roughness_triples: int
+
+    @classmethod
+    def for_session(cls, device: str, curves: Mapping[str, Mapping[int, float]]) -> NoiseModel:
+        rough, triples = roughness(curves)
+        return cls(DRIFT_FLOOR["cuda" if device == "cuda" else "cpu"], rough, triples)
+
+    def size_variance(self, se_challenger: float, se_reference: float) -> float:
+        """Variance of one size's log ratio, from the run (sampling or roughness, whichever
+        is larger: roughness already contains the sampling error of a median)."""
+        return max(se_challenger**2 + se_reference**2, 2 * self.roughness**2)
+
+    def segment_sigma(self, variances: Sequence[float]) -> float:
+        """Sigma of the mean log ratio over neighbouring sizes: the independent part averages
+        out over them, the drift does not."""
+        k = len(variances)
+        return math.sqrt(sum(variances) / (k * k) + self.drift**2)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "z": Z,
+            "p_value_max": stats.P_VALUE_MAX,
+            "drift_floor": self.drift,
+            "roughness": self.roughness,
+            "roughness_triples": self.roughness_triples,
+            "size_variance": "max(se_challenger^2 + se_reference^2, 2 * roughness^2)",
+            "segment_sigma": "sqrt(mean(size variance) / k + drift_floor^2)",
+        }
