@@ -227,8 +227,13 @@ def measure(setting: Setting, pool: Any, rounds: int, samples: int) -> list[dict
         found = time_candidates(pool, wanted, rows, rounds, samples) if wanted else {}
         times = {name: _median(s) for name, s in found.items()}
         timed = {e: r for e, r in runs.items() if r.hazard is None and r.variant in times}
+        # A tie (entries running the same variant) goes to the standard entry, then the
+        # profile's order, as selection breaks ties.
+        order = {e: i for i, e in enumerate(profile.entries)}
         best_entry = min(
-            timed, key=lambda e: (times[timed[e].variant], entry_label(e)), default=None
+            timed,
+            key=lambda e: (times[timed[e].variant], e != standard, order.get(e, len(order))),
+            default=None,
         )
         best = times[timed[best_entry].variant] if best_entry is not None else None
         mine = _figure(runs[chosen], chosen, times, best)

@@ -17,11 +17,12 @@ The rule, per (world size, hidden, dtype):
    ``l = ln(default median / entry median)``, with the noise model of `noise.py` (sampling,
    this session's roughness, and a stated run-to-run drift).
 2. Segmentation: neighbouring sizes are split into segments, each run by one entry, by the
-   assignment that maximises the summed log speed-up minus a price per switch of
-   ``Z x`` the typical noise of one size's ratio (drift included), with every challenger
-   segment holding at least MIN_RUN sizes where it is really faster. A switch must pay for
-   itself beyond what noise alone can produce, so a single noisy size cannot flip the config
-   back and forth, and a slower size inside a winning run does not split it.
+   assignment that maximises the summed log speed-up beyond MIN_GAIN minus a price per
+   challenger segment of ``Z x`` the typical noise of one size's ratio (drift included), with
+   every challenger segment holding at least MIN_RUN sizes where it gains more than MIN_GAIN.
+   A segment must pay for itself beyond what noise alone can produce, so a single noisy size
+   cannot flip the config back and forth, a slower size inside a winning run does not split
+   it, and a segment does not stretch over sizes where it merely ties.
 3. Each challenger segment must then win *as a whole*: its mean log speed-up must exceed
    ``Z x sqrt(mean size variance / k + drift^2)`` and be worth at least MIN_GAIN. A segment
    that does not reverts to the default.
@@ -52,6 +53,8 @@ from .serving import ServerState, UnknownServer, session_server
 
 # A segment must be worth at least this relative gain over the default, however certain.
 MIN_GAIN: float = 0.03
+# The same as a log gain: sizes where a challenger gains less only tie with the default.
+WORTH: float = -math.log(1.0 - MIN_GAIN)
 # The fewest neighbouring sizes a challenger segment spans: one size alone cannot tell a real
 # speed-up from a noisy measurement of its reference; where the grid leaves room, refinement
 # measures the neighbours of such a narrow win instead.
@@ -414,11 +417,13 @@ def _segment_test(
 
 
 def _segmentation(chain: list[_Size], challengers: list[Entry], price: float) -> list[Entry | None]:
-    """The label per size (None: the default) maximising the summed log gain minus `price`
-    per switch, where every challenger run holds at least MIN_RUN sizes at which it is
-    really faster (a slower size may sit inside a run, but one fast size next to a slow one
-    is not a run). Optimal partitioning by dynamic programming; a state is (label, the count
-    of faster sizes in its run so far, capped at MIN_RUN)."""
+    """The label per size (None: the default) that maximises, over the challenger sizes,
+    the log gain beyond WORTH (the gain worth a switch at all), minus `price` for every
+    challenger run started, where every challenger run holds at least MIN_RUN sizes at which
+    it gains more than WORTH. So a slower size inside a winning run costs less than a second
+    run and does not split it; a run is not stretched over sizes where it merely ties; and
+    one fast size next to a slow one is not a run. Optimal partitioning by dynamic
+    programming; a state is (label, the count of such sizes in its run so far, capped)."""
     labels: list[Entry | None] = [None, *challengers]
     State = tuple[Entry | None, int]
     best: list[dict[State, tuple[float, State | None]]] = []
@@ -428,19 +433,20 @@ def _segmentation(chain: list[_Size], challengers: list[Entry], price: float) ->
             if label is None:
                 gain, faster = 0.0, MIN_RUN
             elif size.challenges(label):
-                gain = size.log_gain(label)
+                gain = size.log_gain(label) - WORTH
                 faster = int(gain > 0)
             else:
                 continue
+            start = 0.0 if label is None else price
             options: list[tuple[float, State, State | None]] = []
             if i == 0:
-                options.append((gain, (label, faster), None))
+                options.append((gain - start, (label, faster), None))
             for prev, (score, _) in best[-1].items() if i else ():
                 if prev[0] == label:
                     state = (label, min(prev[1] + faster, MIN_RUN))
                     options.append((score + gain, state, prev))
                 elif prev[1] >= MIN_RUN:
-                    options.append((score + gain - price, (label, faster), prev))
+                    options.append((score + gain - start, (label, faster), prev))
             for candidate, state, prev in options:
                 if candidate > here.get(state, (-math.inf, None))[0]:
                     here[state] = (candidate, prev)

@@ -429,7 +429,7 @@ def test_bisection_converges_to_keys_beside_crossovers_and_stops() -> None:
     store = gpu_store()
 
     def truth(bs: int) -> dict[str, float]:
-        # FlashInfer wins up to 400 rows, custom allreduce after, pynccl past its buffer.
+        # FlashInfer is faster up to 400 rows, custom allreduce after, pynccl past its buffer.
         return {
             "custom_ar": 10.0 + bs * 0.02,
             "pynccl": 15.0 + bs * 0.02,
@@ -451,7 +451,8 @@ def test_bisection_converges_to_keys_beside_crossovers_and_stops() -> None:
     assert {1023, 1024, 2048, 2049} <= set(keys)
     fused = [k for k in keys if config[k].backend_name == "flashinfer_fusion_one_shot"]
     after = [k for k in keys if k > max(fused)]
-    assert max(fused) <= 400 < min(after)
+    # The fusion is faster up to 400 rows, but worth a switch (3%) only up to 350.
+    assert 330 <= max(fused) < min(after) <= 370
     assert min(after) - max(fused) <= max(2, max(fused) // 16)
     assert config[1023].backend_name == "custom_ar" and config[1024].backend_name == "pynccl"
     assert len(measured) == len(set(measured))
