@@ -14,8 +14,9 @@ sources of error move that ratio, and the within-run spread of the samples sees 
    a common shift of every size, so no amount of pooling over sizes removes it, and no single
    run can see it. It is a stated floor, measured from pairs of runs (DRIFT_FLOOR).
 
-A ratio at one size then has variance ``max(sampling, 2 * roughness^2)``, and the mean of `k`
-neighbouring sizes has ``mean(variance) / k + drift^2``.
+A ratio of backends c and r at one size then has variance
+``max(sampling, roughness_c^2 + roughness_r^2)``, and the mean of `k` neighbouring sizes has
+``mean(variance) / k + drift^2``.
 """
 
 from __future__ import annotations
@@ -47,12 +48,11 @@ DRIFT_FLOOR: dict[str, float] = {"cuda": 0.063, "cpu": 0.294}
 
 # Roughness is read from triples of neighbouring sizes whose outer sizes lie within this ratio
 # (wider triples would count a curve's real bend as noise), and only when enough triples exist.
+# It is a median absolute deviation: a backend's real steps (a protocol or a fallback switching
+# at some size) hit a few triples hard and must not pass for noise; heavy tails it misses are
+# what the drift floor is for.
 ROUGHNESS_MAX_SPAN = 2.0
 ROUGHNESS_MIN_TRIPLES = 8
-# Medians are heavy-tailed on loaded machines (an occasional slow mode), which a median
-# absolute deviation would hide: the 80th percentile of |residual| is 1.28 sigma for a normal
-# and grows with the tails.
-ROUGHNESS_QUANTILE = 0.8
 
 
 def log_median_se(samples: Sequence[float]) -> float:
@@ -67,46 +67,50 @@ def log_median_se(samples: Sequence[float]) -> float:
     return 1.2533 * sigma / math.sqrt(len(logs))
 
 
-def roughness(curves: Mapping[str, Mapping[int, float]]) -> tuple[float, int]:
-    """(sigma of one median's independent noise, number of triples it was read from).
+def roughness(curves: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
+    """Per backend, the sigma of one median's independent noise (0.0 where too few triples).
 
-    For each backend's medians over sizes, each median is compared with the straight line
-    (in log size, log time) through its two neighbours; for independent noise of sigma per
-    median the residual has sigma * sqrt(1 + w^2 + (1 - w)^2), w the neighbours' weights.
-    Returns (0.0, n) when fewer than ROUGHNESS_MIN_TRIPLES triples qualify.
+    Each median is compared with the straight line (in log size, log time) through its two
+    neighbours; for independent noise of sigma per median the residual has
+    sigma * sqrt(1 + w^2 + (1 - w)^2), w the neighbours' weights.
     """
     import numpy as np
 
-    residuals = []
-    for medians in curves.values():
+    found = {}
+    for name, medians in curves.items():
         points = sorted((size, t) for size, t in medians.items() if t > 0)
+        residuals = []
         for (a, ta), (b, tb), (c, tc) in zip(points, points[1:], points[2:], strict=False):
             if c > a * ROUGHNESS_MAX_SPAN:
                 continue
             w = (math.log(b) - math.log(a)) / (math.log(c) - math.log(a))
             line = (1 - w) * math.log(ta) + w * math.log(tc)
             residuals.append((math.log(tb) - line) / math.sqrt(1 + w * w + (1 - w) ** 2))
-    if len(residuals) < ROUGHNESS_MIN_TRIPLES:
-        return 0.0, len(residuals)
-    quantile = float(np.quantile(np.abs(residuals), ROUGHNESS_QUANTILE))
-    return quantile / NormalDist().inv_cdf(0.5 + ROUGHNESS_QUANTILE / 2), len(residuals)
+        if len(residuals) < ROUGHNESS_MIN_TRIPLES:
+            found[name] = 0.0
+            continue
+        values = np.asarray(residuals)
+        found[name] = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    return found
 
 
 @dataclass(frozen=True)
 class NoiseModel:
     drift: float  # run-to-run drift of a log ratio (the stated floor)
-    roughness: float  # this session's independent noise of one median, from its data
-    roughness_triples: int
+    roughness: dict[str, float]  # per backend, this session's noise of one median
 
     @classmethod
     def for_session(cls, device: str, curves: Mapping[str, Mapping[int, float]]) -> NoiseModel:
-        rough, triples = roughness(curves)
-        return cls(DRIFT_FLOOR["cuda" if device == "cuda" else "cpu"], rough, triples)
+        return cls(DRIFT_FLOOR["cuda" if device == "cuda" else "cpu"], roughness(curves))
 
-    def size_variance(self, se_challenger: float, se_reference: float) -> float:
-        """Variance of one size's log ratio, from the run (sampling or roughness, whichever
-        is larger: roughness already contains the sampling error of a median)."""
-        return max(se_challenger**2 + se_reference**2, 2 * self.roughness**2)
+    def size_variance(
+        self, se_challenger: float, se_reference: float, challenger: str, reference: str
+    ) -> float:
+        """Variance of one size's log ratio of two backends, from the run: sampling or the
+        two backends' roughness, whichever is larger (roughness already contains the
+        sampling error of a median)."""
+        rough = self.roughness.get(challenger, 0.0) ** 2 + self.roughness.get(reference, 0.0) ** 2
+        return max(se_challenger**2 + se_reference**2, rough)
 
     def segment_sigma(self, variances: Sequence[float]) -> float:
         """Sigma of the mean log ratio over neighbouring sizes: the independent part averages
@@ -119,8 +123,7 @@ class NoiseModel:
             "z": Z,
             "p_value_max": stats.P_VALUE_MAX,
             "drift_floor": self.drift,
-            "roughness": self.roughness,
-            "roughness_triples": self.roughness_triples,
-            "size_variance": "max(se_challenger^2 + se_reference^2, 2 * roughness^2)",
+            "roughness": dict(sorted(self.roughness.items())),
+            "size_variance": "max(se_c^2 + se_r^2, roughness_c^2 + roughness_r^2)",
             "segment_sigma": "sqrt(mean(size variance) / k + drift_floor^2)",
         }

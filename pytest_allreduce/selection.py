@@ -389,7 +389,8 @@ class _Size:
 
     def variance(self, model: NoiseModel, entry: Entry, over: Entry | None = None) -> float:
         ref = self.eligible[over] if over is not None else self.default
-        return model.size_variance(self.eligible[entry].se, ref.se)
+        mine = self.eligible[entry]
+        return model.size_variance(mine.se, ref.se, mine.run.variant, ref.run.variant)
 
 
 def _segment_test(

@@ -102,10 +102,10 @@ def _header(
         f"a whole, by z >= {noise.Z:.2f} and at least {MIN_GAIN:.0%}; ties go to the simpler"
     )
     if model is not None:
+        rough = ", ".join(f"{n} {v:.3f}" for n, v in sorted(model.roughness.items()))
         rule += (
-            f" (noise: run-to-run drift floor {model.drift:.3f}, this session's roughness "
-            f"{model.roughness:.3f} from {model.roughness_triples} triples; switch price "
-            f"{selection.switch_price:.3f})"
+            f" (noise: run-to-run drift floor {model.drift:.3f}; this session's roughness per "
+            f"backend: {rough or 'none'}; price of a segment {selection.switch_price:.3f})"
         )
     lines.append(rule)
     names = ", ".join(f"`{p.name}`" for p in config_files)
