@@ -285,7 +285,7 @@ class Selection:
     segments: list[Segment] = field(default_factory=list)  # every challenger segment tested
     # sizes where one entry won beyond noise alone, too narrowly to count yet
     narrow_wins: dict[int, str] = field(default_factory=dict)
-    switch_price: float = 0.0  # the segmentation's price of one switch (log units)
+    segment_price: float = 0.0  # what a challenger segment must pay for itself (log units)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -335,7 +335,7 @@ class Selection:
             "dtype": self.key.dtype,
             "device": self.device,
             "consumer": self.state.to_json() if self.state else None,
-            "rule": rule_json(self.device, self.noise, self.switch_price),
+            "rule": rule_json(self.device, self.noise, self.segment_price),
             "choices": {str(bs): self.choices[bs].to_json() for bs in sorted(self.choices)},
             "no_winner": {str(bs): why for bs, why in sorted(self.no_winner.items())},
             "entries": {
@@ -346,7 +346,7 @@ class Selection:
         }
 
 
-def rule_json(device: str, model: NoiseModel | None, switch_price: float) -> dict[str, Any]:
+def rule_json(device: str, model: NoiseModel | None, segment_price: float) -> dict[str, Any]:
     return {
         "job": SELECTION_JOB,
         "standard_type": standard_type(device),
@@ -354,7 +354,7 @@ def rule_json(device: str, model: NoiseModel | None, switch_price: float) -> dic
         "statistic": "mean over neighbouring sizes of ln(default median / entry median)",
         "min_gain": MIN_GAIN,
         "min_run": MIN_RUN,
-        "switch_price": switch_price,
+        "segment_price": segment_price,
         "noise": model.to_json() if model else None,
     }
 
@@ -524,7 +524,7 @@ def select(
         )
 
     challengers = [e for e in state.profile.entries if e.backend_type != standard]
-    # A switch must pay for itself beyond what noise can make of one size's ratio: the typical
+    # A segment must pay for itself beyond what noise can make of one size's ratio: the typical
     # variance of a challenger's ratio at one size, drift included.
     variances = sorted(
         s.variance(model, e)
@@ -534,7 +534,7 @@ def select(
         if s.challenges(e)
     )
     typical = variances[len(variances) // 2] if variances else 0.0
-    selection.switch_price = noise.Z * math.sqrt(typical + model.drift**2)
+    selection.segment_price = noise.Z * math.sqrt(typical + model.drift**2)
     for chain in chains:
         if chain:
             _decide_chain(selection, chain, challengers, model, standard, order)
@@ -549,7 +549,7 @@ def _decide_chain(
     standard: str,
     order: dict[Entry, int],
 ) -> None:
-    labels = _segmentation(chain, challengers, selection.switch_price)
+    labels = _segmentation(chain, challengers, selection.segment_price)
     for label, start, stop in _runs_of(labels):
         part = chain[start:stop]
         if label is None:

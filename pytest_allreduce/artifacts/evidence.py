@@ -98,7 +98,7 @@ def evidence(
         "selection_rule": rule_json(
             store.device,
             source.noise if source else None,
-            source.switch_price if source else 0.0,
+            source.segment_price if source else 0.0,
         ),
         "required_suites": list(store.required_suites()),
         "missing_suites": store.missing_suites(),

@@ -105,7 +105,7 @@ def _header(
         rough = ", ".join(f"{n} {v:.3f}" for n, v in sorted(model.roughness.items()))
         rule += (
             f" (noise: run-to-run drift floor {model.drift:.3f}; this session's roughness per "
-            f"backend: {rough or 'none'}; price of a segment {selection.switch_price:.3f})"
+            f"backend: {rough or 'none'}; price of a segment {selection.segment_price:.3f})"
         )
     lines.append(rule)
     names = ", ".join(f"`{p.name}`" for p in config_files)
