@@ -6,17 +6,20 @@ config without SGLang's loader is `pytest_allreduce.runtime.AdaptiveAllReduce` (
 importable from here).
 
 The tuner's output is only useful if a server can read it, so this module treats the
-consumer's reader (SGLang's adaptive allreduce) as the specification:
+consumer's reader (SGLang's adaptive allreduce, see `consumer.py`) as the specification:
 
 * a JSON object keyed by batch sizes written as decimal strings, in ascending numeric order;
 * each value has exactly ``backend_type``, ``use_residual_rmsnorm_fusion`` and
-  ``backend_name`` (the consumer builds a dataclass with ``cls(**value)``, so any other field
-  makes it raise at server start-up, far from the tuner that wrote it);
-* at run time the key nearest to the batch size wins, a tie goes to the smaller key, and a
-  batch size beyond either end of the grid gets the end key.
+  ``backend_name`` (the consumer builds its entry with ``cls(**value)``: an extra field makes
+  it raise at server start-up, far from the tuner that wrote it, and a missing one silently
+  takes a default);
+* at run time the key nearest to the batch size wins, a tie goes to the key that comes first
+  in the file (the smaller one, since keys ascend), and a batch size beyond either end of the
+  grid gets the end key.
 
 Writing and loading share one validator, so any file the plugin writes loads, and
-:func:`load_config` refuses a file the consumer would misread instead of guessing.
+:func:`load_config` refuses a file the consumer would misread, or that the writer could never
+have written, instead of guessing.
 
 Validation rules (both directions):
 
@@ -27,17 +30,19 @@ Validation rules (both directions):
   only spelling accepted is the one ``str(int)`` produces.
 * A key may appear only once (JSON allows duplicates; the consumer would silently keep the
   last one).
-* Keys need not be in ascending order on load: the lookup does not depend on it. The writer
-  always emits them ascending.
+* Keys ascend: the consumer breaks a tie between two equally near keys by file order, so
+  only an ascending file means "ties go to the smaller key", the rule :meth:`lookup` answers.
 * ``backend_type`` is a GPU type (:data:`GPU_CONFIG_TYPES`) or a CPU type
   (:data:`CPU_CONFIG_TYPES`), never both kinds in one file; the file's kind is reported as
   :attr:`AllreduceConfig.device`.
 * ``use_residual_rmsnorm_fusion`` is a JSON boolean (not 0/1) and may be true only with
   ``backend_type`` ``"flashinfer_fusion"``, the only fused type the consumer knows; on a CPU
   config it is therefore always false.
-* ``backend_name`` is a non-empty string with no surrounding whitespace; when it names a
-  registered backend variant, the variant's declared server type must be ``backend_type``
-  (a variant declared with no server type, like the FP8-output fusion, is never valid).
+* ``backend_name`` is a non-empty string with no surrounding whitespace. On load, each entry
+  (type and fusion flag) must be one the consumer profile writes, and its ``backend_name`` a
+  variant that consumer can run for that entry (`serving.runnable_variants`) and that this
+  installation has: the same model decides what the writer emits, so what loads is exactly
+  what the writer can write.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ __all__ = [
     "ConfigEntry",
     "ConfigError",
     "config_path",
+    "config_paths",
     "config_types",
     "default_registry",
     "device_kind",
@@ -134,6 +140,30 @@ def config_path(
             raise ValueError(f"{label} must be a positive int, got {value!r}")
     name = f"allreduce_config_hidden={hidden},device={device_label(device_name)}.json"
     return Path(output_dir) / f"tp{world_size}" / name
+
+
+def config_paths(
+    output_dir: str | os.PathLike[str],
+    world_size: int,
+    hidden: int,
+    device_name: str,
+    device: object,
+    *,
+    partial: bool = False,
+) -> tuple[Path, ...]:
+    """Every file name the consumer's generations read, under `output_dir/tp{N}/`.
+
+    On CUDA: `allreduce_config_hidden={H},device={DEV}.json` (SGLang's adaptive allreduce,
+    first generation) and `allreduce_config_hidden={H},tp={N},device={DEV}.json` (the later
+    one); on the CPU the first name only. With `partial`, `.partial.json` instead of `.json`:
+    a file no consumer looks for, written beside a complete config instead of over it.
+    """
+    from .consumer import profile_for
+
+    first = config_path(output_dir, world_size, hidden, device_name)
+    files = profile_for(device_kind(device)).config_files(hidden, world_size, device_name)
+    suffix = ".partial.json" if partial else ".json"
+    return tuple(first.parent / (f.name.removesuffix(".json") + suffix) for f in files)
 
 
 # ---- the data ------------------------------------------------------------------------------
@@ -279,8 +309,9 @@ class AllreduceConfig(Mapping[int, ConfigEntry]):
     def lookup_key(self, batch_size: int) -> int:
         """The grid key the consumer uses for `batch_size`.
 
-        The nearest key by absolute distance; a tie goes to the smaller key; beyond the
-        largest key the largest, below the smallest the smallest. O(log n).
+        The nearest key by absolute distance; a tie goes to the smaller key (the first in
+        the ascending file, as the consumer breaks ties); beyond the largest key the largest,
+        below the smallest the smallest. O(log n).
         """
         try:
             rows = _check_key(batch_size)
@@ -337,6 +368,12 @@ def _from_json(obj: Any, source: str) -> AllreduceConfig:
             parse_count(key, MAX_CONFIG_KEY)
         except ValueError as exc:
             raise ConfigError(f"{source}: key {exc}") from None
+        if entries and int(key) < max(entries):
+            raise ConfigError(
+                f"{source}: key {key} comes after {max(entries)}: keys must ascend, because "
+                "the consumer gives a tie between two equally near keys to the one first in "
+                "the file"
+            )
         where = f"{source}: batch size {key}"
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: the value must be a JSON object, got {_json_kind(value)}")
@@ -433,28 +470,38 @@ def load_config(
 
 
 def check_backend_names(config: AllreduceConfig, registry: BackendRegistry, where: str) -> None:
-    """Every entry names a registered variant whose declared server type is its backend_type.
+    """Every entry is one the consumer profile writes, naming a variant of this installation
+    that the consumer can run for it.
 
-    The same declarations decide what the writer may emit, so a file the engine would never
-    write (the FP8-output fusion under ``flashinfer_fusion``, say) does not load either.
+    The writer names the variant the profile says runs (selection.py), so what it writes
+    passes, and a file it never would (the FP8-output fusion, a two-shot fusion, a one-shot
+    symmetric-memory kernel) does not load.
     """
-    variants = {v.name: v for v in registry.variants()}
-    for size, entry in config.items():
-        variant = variants.get(entry.backend_name)
-        if variant is None:
+    from .consumer import Entry, profile_for
+    from .serving import runnable_variants
+
+    profile = profile_for(config.device)
+    known = {v.name for v in registry.variants()}
+    for size, value in config.items():
+        if value.backend_name not in known:
             raise ConfigError(
-                f"{where}: batch size {size}: backend_name {entry.backend_name!r} is not a "
-                f"backend of this installation (known: {', '.join(sorted(variants))})"
+                f"{where}: batch size {size}: backend_name {value.backend_name!r} is not a "
+                f"backend of this installation (known: {', '.join(sorted(known))})"
             )
-        if variant.server_type != entry.backend_type:
-            declared = (
-                f"is declared as {variant.server_type!r}"
-                if variant.server_type
-                else "is declared with no server type (no server config may name it)"
-            )
+        entry = Entry(value.backend_type, value.use_residual_rmsnorm_fusion)
+        pair = f"backend_type {entry.backend_type!r} with fusion {str(entry.fused).lower()}"
+        if entry not in profile.entries:
+            written = ", ".join(f"{e.backend_type}/{str(e.fused).lower()}" for e in profile.entries)
             raise ConfigError(
-                f"{where}: batch size {size}: backend_type {entry.backend_type!r} with "
-                f"backend_name {entry.backend_name!r}, which {declared}"
+                f"{where}: batch size {size}: {pair} is not an entry {profile.name} configs "
+                f"hold (type/fusion: {written}); its reader would run another entry's path"
+            )
+        runnable = runnable_variants(profile, entry)
+        if value.backend_name not in runnable:
+            raise ConfigError(
+                f"{where}: batch size {size}: {profile.name} never runs "
+                f"{value.backend_name!r} for {pair} (it runs one of "
+                f"{', '.join(sorted(runnable))})"
             )
 
 

@@ -39,6 +39,11 @@ DEFAULT_FEWSHOT = 5  # lm-eval's gsm8k task default
 MAX_FEWSHOT = 32
 # GSM8K's test split has 1319 questions; a larger limit would silently mean "all".
 MAX_GSM8K_QUESTIONS = 1319
+# Servers chunk prefill (SGLang's chunked-prefill size is 8192 or 16384 tokens by default), so
+# no forward carries more tokens than that; the bound keeps a typo from planning set-ups of
+# gigabytes per rank (65536 rows of hidden 8192 in bfloat16 are already 1 GiB).
+MAX_TOKENS_LIMIT = 65536
+DEFAULT_MAX_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,12 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
         "bound in seconds on starting a process group's ranks "
         f"(default: {DEFAULT_STARTUP_TIMEOUT_S:g})",
     ),
+    OptionSpec(
+        "allreduce-max-tokens",
+        str(DEFAULT_MAX_TOKENS),
+        "largest token count the config must cover, prefill included: the plan gets a "
+        f"geometric tail up to it (1..{MAX_TOKENS_LIMIT}, default: {DEFAULT_MAX_TOKENS})",
+    ),
     OptionSpec("allreduce-baseline", None, "gate latency against this baseline file"),
     OptionSpec("allreduce-save-baseline", None, "write this session's latencies as a baseline"),
     OptionSpec(
@@ -153,6 +164,7 @@ class Options:
     gsm8k_fewshot: int = DEFAULT_FEWSHOT
     gsm8k_endpoints: tuple[tuple[str, str], ...] = ()
     gsm8k_reference: str | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS  # defaulted so callers that predate it still work
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -222,6 +234,9 @@ def parse_options(config: pytest.Config) -> Options:
         gsm8k_endpoints=endpoints,
         gsm8k_reference=optional(
             "allreduce-gsm8k-reference", lambda t: parse_reference(t, endpoints)
+        ),
+        max_tokens=get(
+            "allreduce-max-tokens", lambda t: bounds.parse_count(t.strip(), MAX_TOKENS_LIMIT)
         ),
     )
 

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .backend import dtype_name
 from .config import AllreduceConfig, ConfigError, check_backend_names, default_registry
+from .consumer import CPU_RUNTIME, Entry, Server
 from .jobs import add_rms_norm
 
 if TYPE_CHECKING:
@@ -23,9 +25,14 @@ if TYPE_CHECKING:
 class AdaptiveAllReduce:
     """Runs a config in a server that does not have SGLang's loader.
 
-    Construction is collective: every rank resolves the config's distinct backend names,
-    agrees that every rank can run them, and sets them up in sorted name order, so all ranks
-    enter each backend's set-up collectives together. A dispatch decision depends only on the
+    On the CPU it is the consumer of CPU configs and follows the CPU profile
+    (`consumer.CPU_RUNTIME`): an entry runs its backend where that backend takes the input
+    (cpu_shm up to its size limit) and gloo otherwise. On CUDA it runs the variant each entry
+    names, which is what SGLang's adaptive allreduce runs at that key (the writer names it so).
+
+    Construction is collective: every rank resolves the variants the config can run, agrees
+    that every rank can run them, and sets them up in sorted name order, so all ranks enter
+    each backend's set-up collectives together. A dispatch decision depends only on the
     input's row count, which is the same on every rank, so all ranks pick the same backend.
     """
 
@@ -49,7 +56,14 @@ class AdaptiveAllReduce:
         self.max_rows = max_rows
         registry = default_registry() if registry is None else registry
         check_backend_names(config, registry, "config")
-        variants = {e.backend_name: registry.variant(e.backend_name) for e in config.values()}
+        self._server: Server | None = None
+        if config.device == "cpu":
+            if ctx.world_size < 2:
+                raise ConfigError("a CPU config serves a group of at least 2 ranks")
+            self._server = Server.cpu(
+                world_size=ctx.world_size, dtype=dtype_name(dtype), hidden=hidden
+            )
+        variants = {name: registry.variant(name) for name in self._runnable(config, max_rows)}
         # Every decision below is agreed before any backend's set-up collective starts: a
         # rank that refused alone would leave the others waiting in set-up forever.
         local = {name: v.cls.probe(ctx, v.variant) for name, v in variants.items()}
@@ -67,7 +81,11 @@ class AdaptiveAllReduce:
         try:
             for name in sorted(variants):
                 v = variants[name]
-                self._backends[name] = v.cls(ctx, v.variant, hidden, dtype, max_rows)
+                # A bounded backend only ever runs up to its limit (the profile sends larger
+                # inputs elsewhere), so its set-up never holds more.
+                largest = v.limits(ctx.world_size).largest_rows(hidden, dtype_name(dtype))
+                rows = max_rows if largest is None else max(1, min(max_rows, largest))
+                self._backends[name] = v.cls(ctx, v.variant, hidden, dtype, rows)
         except BaseException:
             # The backends already set up are dropped, not closed: close() is collective,
             # and after a failed set-up the other ranks may never reach it.
@@ -88,14 +106,35 @@ class AdaptiveAllReduce:
                 stacklevel=2,
             )
 
+    def _runnable(self, config: AllreduceConfig, max_rows: int) -> list[str]:
+        """Every variant a dispatch up to `max_rows` rows may pick."""
+        if self._server is None:
+            return sorted({e.backend_name for e in config.values()})
+        names = set()
+        for value in set(config.values()):
+            entry = Entry(value.backend_type, value.use_residual_rmsnorm_fusion)
+            rows = {1, max_rows}
+            for stop in CPU_RUNTIME.stops(entry, self._server):
+                rows |= {r for r in (stop.max_rows, stop.max_rows + 1) if r <= max_rows}
+            names |= {CPU_RUNTIME.runs(entry, self._server, r).variant for r in rows}
+        return sorted(names)
+
     @property
     def backends(self) -> dict[str, Backend]:
         """The set-up backends by full variant name."""
         return dict(self._backends)
 
+    def variant_for(self, rows: int) -> str:
+        """The variant the config runs for an input of `rows` rows."""
+        value = self.config.lookup(rows)
+        if self._server is None:
+            return value.backend_name
+        entry = Entry(value.backend_type, value.use_residual_rmsnorm_fusion)
+        return CPU_RUNTIME.runs(entry, self._server, rows).variant
+
     def backend_for(self, rows: int) -> Backend:
-        """The backend the config picks for an input of `rows` rows."""
-        return self._backends[self.config.lookup(rows).backend_name]
+        """The backend the config runs for an input of `rows` rows."""
+        return self._backends[self.variant_for(rows)]
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of `x` over the group, in a new tensor."""
@@ -114,7 +153,7 @@ class AdaptiveAllReduce:
         suites time and check.
         """
         entry = self.config.lookup(x.shape[0])
-        backend = self._backends[entry.backend_name]
+        backend = self.backend_for(x.shape[0])
         if entry.use_residual_rmsnorm_fusion and backend.fused:
             out = torch.empty_like(x)
             residual_out = torch.empty_like(residual)

@@ -367,7 +367,7 @@ class AllreduceSession:
             export_results(session.config, self)
             return (yield)
         try:
-            report = self.finish()
+            report = self.finish(int(exitstatus), session.testsfailed)
         except Exception as exc:  # artifacts failing must fail the run, loudly
             self.report.errors.append(f"{type(exc).__name__}: {exc}")
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
@@ -391,14 +391,17 @@ class AllreduceSession:
             if self.output is not None:
                 self.output.release()
 
-    def finish(self) -> SessionReport:
+    def finish(self, exitstatus: int = 0, tests_failed: int = 0) -> SessionReport:
         """Select, bisect, write artifacts, gate. Only the writer process does the writing.
 
         Under torchrun every rank takes part in the bisection (its measurements are
-        collective), so every rank runs the selection; only rank 0 writes.
+        collective), so every rank runs the selection; only rank 0 writes. A shape whose
+        planned cases were not all covered, or a session that did not pass, writes
+        `.partial` files beside the complete ones (`coverage.py`).
         """
         from . import artifacts, gate
         from .config import device_label
+        from .coverage import coverage, session_gaps
 
         if not self.store.latencies and not self.store.accuracy:
             return self.report
@@ -433,8 +436,14 @@ class AllreduceSession:
         # never holds files of two runs, whatever kills this process when.
         with self.output.stage() as staging:
             if selections:
+                covered = coverage(self.plan, self.store, session_gaps(exitstatus, tests_failed))
                 written = artifacts.write_artifacts(
-                    self.store, selections, staging.root, label, pytest_config=self.config
+                    self.store,
+                    selections,
+                    staging.root,
+                    label,
+                    coverage=covered,
+                    pytest_config=self.config,
                 )
                 self.report.notes += written.notes
             artifacts.write_accuracy(self.store, staging.root)

@@ -1,67 +1,43 @@
-"""End to end: a winner that changes between two batch sizes is bisected, in a spawned pool
-and under torchrun (where every rank must take part in the session-end measurements)."""
+"""End to end on the CPU: refinement puts config keys beside crossovers and consumer limits,
+in a spawned pool and under torchrun, and two runs of one plan write the same config.
+
+The crossover is made with known delays: a `sitecustomize` module on PYTHONPATH, which every
+process of the run imports at start-up (pytest and each spawned or torchrun rank), slows the
+real gloo and cpu_shm backends by fixed sleeps that dwarf this machine's own noise. The
+consumer's choices are between its real entries, so only those backends can make one.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 CONFIG = Path("out", "tp2", "allreduce_config_hidden=4096,device=cpu.json")
-CROSSOVER_ROWS = 20  # fast_small is faster up to here, fast_big above
+CROSSOVER_ROWS = 16  # cpu_shm is 10x faster up to here, 3x slower above
 
-# Two backends over gloo, each 25 ms slower on one side of CROSSOVER_ROWS: far beyond noise,
-# so the selection must flip there and bisection must pin the flip between adjacent keys.
-CROSSOVER_PY = f"""
+SITECUSTOMIZE_PY = f"""
 import time
 
-import torch.distributed as dist
+from pytest_allreduce.backends.cpu_shm import CpuShmBackend
+from pytest_allreduce.backends.gloo import GlooBackend
 
-from pytest_allreduce.backend import Backend, Limits, VariantSpec
 
-
-class _Delayed(Backend):
-    variants = (VariantSpec(server_type="cpu_shm"),)
-    slow_when_small = False
-
-    @classmethod
-    def limits(cls, variant, world_size):
-        return Limits(device="cpu", dtypes=("float32", "float16", "bfloat16"))
-
-    @classmethod
-    def probe(cls, ctx, variant):
-        return None
-
-    def setup(self):
-        pass
+def _delayed(cls, delay):
+    inner = cls._all_reduce
 
     def _all_reduce(self, inp, out):
-        out.copy_(inp)
-        dist.all_reduce(out, group=self.ctx.cpu_group)
-        if (inp.shape[0] <= {CROSSOVER_ROWS}) == self.slow_when_small:
-            time.sleep(0.025)
+        inner(self, inp, out)
+        time.sleep(delay(inp.shape[0]))
+
+    cls._all_reduce = _all_reduce
 
 
-class FastBig(_Delayed):
-    name = "fast_big"
-    slow_when_small = True
-    simplicity = 20
-
-
-class FastSmall(_Delayed):
-    name = "fast_small"
-    simplicity = 21
-"""
-
-CONFTEST_PY = """
-from crossover import FastBig, FastSmall
-
-
-def pytest_allreduce_register_backends(registry):
-    registry.register(FastBig)
-    registry.register(FastSmall)
+_delayed(GlooBackend, lambda rows: 0.03)
+_delayed(CpuShmBackend, lambda rows: 0.003 if rows <= {CROSSOVER_ROWS} else 0.09)
 """
 
 ARGS = (
@@ -69,44 +45,58 @@ ARGS = (
     "no:cacheprovider",
     "--pyargs",
     "pytest_allreduce.suites",
-    "--allreduce-backends=fast_small,fast_big",
-    "--allreduce-batch-sizes=1,64",
+    "--allreduce-batch-sizes=1,2,8,64",
+    "--allreduce-max-tokens=64",
     "--allreduce-output-dir=out",
-    "--allreduce-timeout=30",
+    "--allreduce-timeout=60",
 )
 
 
-def _check_crossover(config_path: Path) -> None:
-    config = json.loads(config_path.read_text())
-    picks = {int(k): v["backend_name"] for k, v in config.items()}
-    assert picks[1] == "fast_small" and picks[64] == "fast_big", picks
-    small = max(k for k, name in picks.items() if name == "fast_small")
-    big = min(k for k, name in picks.items() if name == "fast_big")
-    # Keys on both sides of the crossover, close together, and nothing out of order.
-    assert small <= CROSSOVER_ROWS < big, picks
-    assert big - small <= 2, picks
-    assert all(name == "fast_small" for k, name in picks.items() if k <= small), picks
-    assert len(picks) > 2, "no size between 1 and 64 was measured"
-
-
 @pytest.fixture
-def crossover_dir(pytester: pytest.Pytester) -> pytest.Pytester:
+def delayed(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    site = pytester.mkdir("site")
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE_PY)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     pytester.makeini("[pytest]\n")
-    pytester.makepyfile(crossover=CROSSOVER_PY)
-    pytester.makeconftest(CONFTEST_PY)
     return pytester
 
 
-def test_bisection_puts_config_keys_on_both_sides_of_the_crossover(
-    crossover_dir: pytest.Pytester,
-) -> None:
-    result = crossover_dir.runpytest_subprocess(*ARGS, timeout=240)
+def _picks(config_path: Path) -> dict[int, str]:
+    return {int(k): v["backend_name"] for k, v in json.loads(config_path.read_text()).items()}
+
+
+def _check_crossover(config_path: Path) -> None:
+    picks = _picks(config_path)
+    shm = [k for k, name in picks.items() if name == "cpu_shm"]
+    gloo = [k for k, name in picks.items() if name == "gloo"]
+    assert shm and gloo, picks
+    assert max(shm) < min(gloo), picks
+    # Keys on both sides of the crossover, close together.
+    assert max(shm) <= CROSSOVER_ROWS < min(gloo), picks
+    assert min(gloo) - max(shm) <= 2, picks
+    assert 1 in picks and 64 in picks, picks
+
+
+def test_refinement_puts_keys_on_both_sides_of_the_crossover(delayed: pytest.Pytester) -> None:
+    result = delayed.runpytest_subprocess(*ARGS, timeout=400)
     assert result.ret == 0, result.stdout.str()
-    _check_crossover(crossover_dir.path / CONFIG)
+    _check_crossover(delayed.path / CONFIG)
 
 
-def test_bisection_under_torchrun_runs_on_every_rank(crossover_dir: pytest.Pytester) -> None:
-    result = crossover_dir.run(
+def test_two_runs_of_one_plan_write_the_same_config(delayed: pytest.Pytester) -> None:
+    first = delayed.runpytest_subprocess(*ARGS, timeout=400)
+    assert first.ret == 0, first.stdout.str()
+    text = (delayed.path / CONFIG).read_text()
+    second = delayed.runpytest_subprocess(
+        *ARGS[:-2], "--allreduce-output-dir=again", "--allreduce-timeout=60", timeout=400
+    )
+    assert second.ret == 0, second.stdout.str()
+    again = delayed.path / "again" / CONFIG.relative_to("out")
+    assert again.read_text() == text
+
+
+def test_refinement_under_torchrun_runs_on_every_rank(delayed: pytest.Pytester) -> None:
+    result = delayed.run(
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -115,9 +105,45 @@ def test_bisection_under_torchrun_runs_on_every_rank(crossover_dir: pytest.Pytes
         "-m",
         "pytest",
         *ARGS,
-        timeout=300,
+        timeout=500,
     )
     # Without every rank in the session-end measurements, rank 0 would wait out the 30 s
     # call bound and end the job with its stacks: a non-zero exit.
     assert result.ret == 0, result.stdout.str() + result.stderr.str()
-    _check_crossover(crossover_dir.path / CONFIG)
+    _check_crossover(delayed.path / CONFIG)
+
+
+def test_keys_on_both_sides_of_the_consumers_size_limit(pytester: pytest.Pytester) -> None:
+    """cpu_shm takes 16 MiB: at hidden 65536 in float32 that is 64 rows. Above it the cpu_shm
+    entry runs gloo, so the config needs keys at 64 and 65 whatever wins."""
+    pytester.makeini("[pytest]\n")
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--pyargs",
+        "pytest_allreduce.suites",
+        "--allreduce-hidden-sizes=65536",
+        "--allreduce-dtypes=float32",
+        "--allreduce-batch-sizes=1,8",
+        "--allreduce-max-tokens=96",
+        "--allreduce-output-dir=out",
+        timeout=400,
+    )
+    assert result.ret == 0, result.stdout.str()
+    config = json.loads(
+        (
+            pytester.path / "out" / "tp2" / "allreduce_config_hidden=65536,device=cpu.json"
+        ).read_text()
+    )
+    keys = [int(k) for k in config]
+    # The tail stops where nothing changes any more: just past the limit, not at 96.
+    assert keys[-1] == 65 and {64, 65} <= set(keys), keys
+    assert config["65"]["backend_name"] == "gloo"
+    evidence = json.loads(
+        (
+            pytester.path / "out" / "tp2" / "allreduce_evidence_hidden=65536,device=cpu.json"
+        ).read_text()
+    )
+    entries = {e["entry"]: e for e in evidence["dtypes"]["float32"]["selection"]["entries"]["65"]}
+    assert entries["cpu_shm"]["runs"] == "gloo"
+    assert entries["cpu_shm"]["declined"][0].startswith("cpu_shm: ")

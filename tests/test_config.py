@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import time
 import warnings
@@ -25,6 +26,7 @@ from pytest_allreduce.config import (
     ConfigEntry,
     ConfigError,
     config_path,
+    config_paths,
     device_label,
     load_config,
 )
@@ -292,9 +294,78 @@ def test_load_reports_and_can_require_the_device(tmp_path: Path) -> None:
         load_config(path, expect_device="cpu")
 
 
-def test_keys_need_not_be_sorted_on_load() -> None:
-    text = json.dumps({"64": _value(), "1": _value(), "8": _value()})
-    assert load_config(text).batch_sizes == (1, 8, 64)
+def test_keys_must_ascend_on_load() -> None:
+    # The consumer gives a tie to the key first in the file: only ascending files mean
+    # "ties to the smaller key".
+    with pytest.raises(ConfigError, match="key 1 comes after 64: keys must ascend"):
+        load_config(json.dumps({"64": _value(), "1": _value(), "8": _value()}))
+    assert load_config(json.dumps({"1": _value(), "8": _value()})).batch_sizes == (1, 8)
+
+
+# ---- names: what the consumer can run for each entry ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (_value(backend_name="custom_ar"), None),  # SGLang's nccl path takes custom allreduce
+        (_value(backend_name="pynccl"), None),  # ... and pynccl inside graphs past its buffer
+        (
+            _value(
+                backend_type="flashinfer_fusion",
+                use_residual_rmsnorm_fusion=True,
+                backend_name="flashinfer_fusion_one_shot",
+            ),
+            None,
+        ),
+        (
+            _value(
+                backend_type="flashinfer_fusion",
+                use_residual_rmsnorm_fusion=True,
+                backend_name="flashinfer_fusion_two_shot",
+            ),
+            "never runs 'flashinfer_fusion_two_shot'",
+        ),
+        (
+            _value(
+                backend_type="flashinfer_fusion",
+                use_residual_rmsnorm_fusion=True,
+                backend_name="flashinfer_fusion_one_shot_fp8",
+            ),
+            "never runs 'flashinfer_fusion_one_shot_fp8'",
+        ),
+        (
+            _value(backend_type="flashinfer_fusion", backend_name="flashinfer_fusion_one_shot"),
+            "is not an entry SGLang adaptive allreduce configs hold",
+        ),
+        (
+            _value(backend_type="torch_symm_mem", backend_name="torch_symm_mem_one_shot"),
+            "never runs 'torch_symm_mem_one_shot'",
+        ),
+        (_value(backend_type="torch_symm_mem", backend_name="torch_symm_mem_multimem"), None),
+        (_value(backend_name="vllm_custom_ar"), "never runs 'vllm_custom_ar'"),
+        (_value(backend_name="flashinfer_trtllm"), "never runs 'flashinfer_trtllm'"),
+        (_value(backend_type="cpu_shm", backend_name="gloo"), None),  # past cpu_shm's limit
+        (_value(backend_type="gloo", backend_name="cpu_shm"), "never runs 'cpu_shm'"),
+    ],
+)
+def test_names_are_what_the_consumer_runs_for_the_entry(
+    value: dict[str, Any], problem: str | None
+) -> None:
+    text = json.dumps({"8": value})
+    if problem is None:
+        assert load_config(text)[8].backend_name == value["backend_name"]
+        return
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_config(text)
+
+
+def test_config_paths_name_both_generations_and_partial_files(tmp_path: Path) -> None:
+    gen1, gen2 = config_paths(tmp_path, 2, 4096, "NVIDIA H200", "cuda")
+    assert gen1 == config_path(tmp_path, 2, 4096, "NVIDIA H200")
+    assert gen2 == tmp_path / "tp2" / "allreduce_config_hidden=4096,tp=2,device=NVIDIA_H200.json"
+    (cpu,) = config_paths(tmp_path, 2, 16, "cpu", "cpu", partial=True)
+    assert cpu.name == "allreduce_config_hidden=16,device=cpu.partial.json"
 
 
 # ---- lookup --------------------------------------------------------------------------------
@@ -455,9 +526,9 @@ def test_adaptive_refusals_before_any_set_up() -> None:
         AdaptiveAllReduce(
             ctx, AllreduceConfig({1: NCCL}), 8, torch.float32, 4, _registry(_RefusingNccl)
         )
-    wrong_type = AllreduceConfig({1: ConfigEntry("custom_allreduce", False, "nccl")})
-    with pytest.raises(ConfigError, match="which is declared as 'nccl'"):
-        AdaptiveAllReduce(ctx, wrong_type, 8, torch.float32, 4, _registry(_FakeNccl))
+    wrong = AllreduceConfig({1: ConfigEntry("torch_symm_mem", False, "flashinfer_fusion_one_shot")})
+    with pytest.raises(ConfigError, match="never runs 'flashinfer_fusion_one_shot'"):
+        AdaptiveAllReduce(ctx, wrong, 8, torch.float32, 4, _registry(_FakeFusion))
     with pytest.raises(ConfigError, match="CUDA config cannot run on device cpu"):
         AdaptiveAllReduce(_one_rank("cpu"), gpu_config(), 8, torch.float32, 4)
     with pytest.raises(ConfigError, match="'ghost' is not a backend"):
@@ -566,3 +637,50 @@ def test_warnings_are_quiet_for_a_consistent_config() -> None:
         AdaptiveAllReduce(
             _one_rank("cuda"), AllreduceConfig({1: NCCL}), 8, torch.float32, 4, _registry(_FakeNccl)
         ).close()
+
+
+# ---- the CPU runtime follows the CPU profile past cpu_shm's limit --------------------------
+
+WIDE = 4096  # float32: 16 KiB a row, so cpu_shm's 16 MiB hold 1024 rows
+
+
+def _past_the_limit_worker(rank: int, world_size: int, port: int) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=30),
+    )
+    try:
+        world = dist.group.WORLD
+        ctx = RankContext(
+            rank, world_size, rank, world_size, torch.device("cpu"), world, world, timeout_s=30.0
+        )
+        config = AllreduceConfig({1: SHM})
+        ar = AdaptiveAllReduce(ctx, config, WIDE, torch.float32, 1100)
+        assert sorted(ar.backends) == ["cpu_shm", "gloo"]
+        assert ar.backends["cpu_shm"].max_rows == 1024  # never set up past its limit
+        assert ar.variant_for(1024) == "cpu_shm" and ar.variant_for(1025) == "gloo"
+        for rows in (1024, 1025, 1100):
+            x = torch.full((rows, WIDE), float(rank + 1))
+            assert torch.equal(ar.all_reduce(x), torch.full((rows, WIDE), 3.0)), rows
+        ar.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adaptive_cpu_runs_gloo_past_cpu_shms_limit() -> None:
+    context = mp.spawn(_past_the_limit_worker, args=(2, _free_port()), nprocs=2, join=False)
+    deadline = time.monotonic() + 90
+    try:
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                pytest.fail("2-rank AdaptiveAllReduce test did not finish within 90 s")
+    finally:
+        for proc in context.processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)

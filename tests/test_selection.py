@@ -1,40 +1,78 @@
-"""Selection: the rule on raw samples, candidates, ties, exclusions and bisection."""
+"""Selection: config entries timed by what the consumer runs, segments, noise, refinement."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import numpy as np
 import pytest
 
+from pytest_allreduce import noise
 from pytest_allreduce import selection as sel
-from pytest_allreduce import stats
-from pytest_allreduce.artifacts.config import write_config
-from pytest_allreduce.config import AllreduceConfig, ConfigError, config_path
+from pytest_allreduce.config import ConfigError, check_backend_names, default_registry
+from pytest_allreduce.consumer import CPU_RUNTIME, SGLANG_ADAPTIVE, Entry
 from pytest_allreduce.model import Availability, GroupKey, Latency, Target, VariantInfo, Verdict
 from pytest_allreduce.results import ResultStore
+from pytest_allreduce.serving import possible_servers, runnable_variants
 
 WS, HIDDEN, DTYPE = 2, 4096, "bfloat16"
 KEY = GroupKey(WS, HIDDEN, DTYPE)
+FUSION = Entry("flashinfer_fusion", True)
+SYMM = Entry("torch_symm_mem", False)
+NCCL = Entry("nccl", False)
+SHM = Entry("cpu_shm", False)
+GLOO = Entry("gloo", False)
+
+# name -> (config type, simplicity, fused kernel, needs multicast), as the built-ins declare
+GPU_VARIANTS = {
+    "nccl": ("nccl", 0, False, False),
+    "pynccl": ("nccl", 5, False, False),
+    "custom_ar": ("custom_allreduce", 30, False, False),
+    "torch_symm_mem_two_shot": ("torch_symm_mem", 20, False, False),
+    "torch_symm_mem_multimem": ("torch_symm_mem", 20, False, True),
+    "flashinfer_fusion_one_shot": ("flashinfer_fusion", 40, True, False),
+    "flashinfer_fusion_two_shot": (None, 40, True, False),
+}
 
 
 def noisy(median: float, seed: int, n: int = 30, rel: float = 0.01) -> list[float]:
-    """n samples around `median` with relative noise `rel` (deterministic)."""
     rng = np.random.default_rng(seed)
-    return list(median * (1.0 + rng.normal(0.0, rel, n)))
+    return list(median * np.exp(rng.normal(0.0, rel, n)))
 
 
-def add_backend(
-    store: ResultStore,
-    name: str,
-    btype: str | None,
-    simplicity: int,
-    fused: bool = False,
-    available: bool = True,
-    reason: str = "",
-) -> None:
-    store.declare(VariantInfo(name, btype, fused, simplicity))
-    store.record_availability(Availability(name, WS, available, reason))
+def gpu_store(multicast: bool = False, capability: str | None = "9.0") -> ResultStore:
+    store = ResultStore("cuda")
+    store.machine = {
+        "device_type": "cuda",
+        "device_name": "NVIDIA H200",
+        "multicast_disabled_by": [] if multicast else ["NCCL_NVLS_ENABLE=0"],
+    }
+    if capability is not None:
+        store.machine["compute_capability"] = capability
+    for name, (btype, simplicity, fused, needs_mc) in GPU_VARIANTS.items():
+        store.declare(VariantInfo(name, btype, fused, simplicity))
+        available = multicast or not needs_mc
+        store.record_availability(
+            Availability(
+                name,
+                WS,
+                available,
+                "" if available else "multicast off",
+                {"needs_multicast": needs_mc},
+            )
+        )
+    return store
+
+
+def cpu_store() -> ResultStore:
+    store = ResultStore("cpu")
+    store.machine = {"device_type": "cpu", "device_name": "cpu"}
+    for name, simplicity in (("gloo", 0), ("cpu_shm", 10)):
+        store.declare(VariantInfo(name, name, False, simplicity))
+        store.record_availability(Availability(name, WS, True, "", {}))
+    return store
 
 
 def measure(
@@ -42,320 +80,385 @@ def measure(
     name: str,
     bs: int,
     samples: list[float] | None,
-    outcomes: dict[str, str] | None = None,
+    outcome: str = "passed",
+    hidden: int = HIDDEN,
 ) -> None:
-    """Record verdicts (all required suites passed unless told) and fused samples."""
-    case = Target(name, WS, HIDDEN, DTYPE).at(bs)
-    if outcomes is None:
-        outcomes = dict.fromkeys(store.required_suites(), "passed")
-    for suite, outcome in outcomes.items():
-        store.record_verdict(case, Verdict(suite, outcome, detail=f"{suite} {outcome}"))
+    """Verdicts of every required suite (all `outcome`) and fused samples, at one size."""
+    case = Target(name, WS, hidden, DTYPE).at(bs)
+    for suite in store.required_suites():
+        store.record_verdict(case, Verdict(suite, outcome, "", f"{suite}-{name}-{bs}"))  # type: ignore[arg-type]
     if samples is not None:
-        store.record_latency(Latency(case, "fused", samples, 10, "cuda_graph", bs * HIDDEN * 2))
+        store.record_latency(Latency(case, "fused", samples, 10, "cuda_graph", bs * hidden * 2))
 
 
-def gpu_store() -> ResultStore:
-    store = ResultStore("cuda")
-    add_backend(store, "nccl", "nccl", 0)
-    add_backend(store, "custom_ar", "custom_allreduce", 20)
-    add_backend(store, "torch_symm_mem_two_shot", "torch_symm_mem", 30)
-    add_backend(store, "flashinfer_fusion_one_shot", "flashinfer_fusion", 40, fused=True)
-    return store
+def fill(store: ResultStore, times: dict[str, object], sizes: list[int], rel: float = 0.01) -> None:
+    """`times[name]` is a constant or a function of the size (microseconds)."""
+    for i, bs in enumerate(sizes):
+        for j, (name, t) in enumerate(times.items()):
+            median = t(bs) if callable(t) else t  # type: ignore[operator]
+            measure(store, name, bs, noisy(float(median), 1000 * i + j, rel=rel))
 
 
-# ---- the rule on raw samples ---------------------------------------------------------------
+def picks(selection: sel.Selection) -> dict[int, str]:
+    return {bs: c.backend_name for bs, c in sorted(selection.choices.items())}
 
 
-def test_rule_clear_twenty_percent_gain_beats() -> None:
-    cmp = sel.compare_samples(noisy(80, 1), noisy(100, 2))
-    assert cmp.beats
-    assert cmp.p_value < stats.P_VALUE_MAX
-    assert cmp.gain == pytest.approx(0.2, abs=0.01)
+# ---- entries are timed by what the consumer runs ---------------------------------------------
 
 
-def test_rule_significant_but_small_gain_does_not_beat() -> None:
-    # 2% faster with tight samples: real, but below the 3% worth switching for.
-    cmp = sel.compare_samples(noisy(98, 3, rel=0.002), noisy(100, 4, rel=0.002))
-    assert cmp.p_value < stats.P_VALUE_MAX
-    assert not cmp.beats
-
-
-def test_rule_large_gain_without_significance_does_not_beat() -> None:
-    challenger = [60.0, 70.0, 80.0, 90.0, 94.0, 94.0, 110.0, 120.0, 130.0, 140.0]
-    reference = [99.0, 100.0, 101.0, 100.0, 99.5, 100.5, 100.2, 99.8, 100.1, 99.9]
-    cmp = sel.compare_samples(challenger, reference)
-    assert cmp.gain > sel.MIN_GAIN
-    assert cmp.p_value >= stats.P_VALUE_MAX
-    assert not cmp.beats
-
-
-def test_rule_identical_samples_never_beat() -> None:
-    cmp = sel.compare_samples([5.0] * 20, [5.0] * 20)
-    assert not cmp.beats
-    assert cmp.p_value == 1.0
-
-
-def test_rule_refuses_empty_samples() -> None:
-    with pytest.raises(ValueError):
-        sel.compare_samples([], [1.0])
-
-
-# ---- choices -------------------------------------------------------------------------------
-
-
-def test_default_kept_when_challenger_within_noise() -> None:
+def test_the_nccl_entry_is_timed_by_sglangs_dispatch() -> None:
     store = gpu_store()
-    measure(store, "nccl", 32, noisy(100, 10))
-    measure(store, "custom_ar", 32, noisy(99, 11))
-    choice = sel.select(store, KEY).choices[32]
-    assert choice.backend_name == "nccl"
-    assert choice.default == "nccl" and choice.default_is_standard
-    assert "kept" in choice.reason
-    assert set(choice.medians_us) == {"nccl", "custom_ar"}
-    assert not choice.use_residual_rmsnorm_fusion
+    fill(store, {"custom_ar": 10.0, "pynccl": 30.0, "nccl": 50.0}, [64, 1023, 1024, 2048])
+    result = sel.select(store, KEY)
+    assert picks(result) == {64: "custom_ar", 1023: "custom_ar", 1024: "pynccl", 2048: "pynccl"}
+    for choice in result.choices.values():
+        assert choice.entry == NCCL and choice.default_is_standard
+        assert choice.config_entry().backend_type == "nccl"
+    assert "custom_ar: 8388608 bytes is not below" in result.choices[1024].reason
+    # Entries that run the same thing as the default cannot beat it.
+    symm = next(t for t in result.timings[64] if t.entry == SYMM)
+    assert symm.run.variant == "custom_ar" and "multicast" in symm.run.declined[0]
 
 
-def test_clearly_faster_challenger_wins_with_evidence() -> None:
+def test_fusion_wins_a_run_of_sizes_and_is_written_as_the_consumer_reads_it() -> None:
     store = gpu_store()
-    measure(store, "nccl", 32, noisy(100, 10))
-    measure(store, "flashinfer_fusion_one_shot", 32, noisy(80, 12))
-    choice = sel.select(store, KEY).choices[32]
-    assert choice.backend_name == "flashinfer_fusion_one_shot"
-    assert choice.backend_type == "flashinfer_fusion"
-    assert choice.use_residual_rmsnorm_fusion
-    assert choice.beaten == ("nccl",)
-    assert choice.median_us == pytest.approx(80, rel=0.02)
-    (cmp,) = choice.comparisons
-    assert cmp.beats and cmp.reference == "nccl"
-    assert "p=" in choice.reason and "nccl" in choice.reason
-    evidence = choice.to_json()
-    json.dumps(evidence)
-    assert evidence["comparisons"][0]["p_value"] < stats.P_VALUE_MAX
+    sizes = [1, 2, 32, 64, 128, 256, 504]
+    fill(store, {"custom_ar": 10.0, "flashinfer_fusion_one_shot": 5.0}, sizes)
+    result = sel.select(store, KEY)
+    config = result.to_config()
+    # Sizes between two keys that run the same thing add nothing to a nearest-key lookup.
+    assert list(config) == [1, 504]
+    assert set(picks(result)) == set(sizes)
+    for bs in config:
+        assert config[bs].as_json() == {
+            "backend_type": "flashinfer_fusion",
+            "use_residual_rmsnorm_fusion": True,
+            "backend_name": "flashinfer_fusion_one_shot",
+        }
+    (segment,) = [s for s in result.segments if s.reference == "the default"]
+    assert segment.sizes == tuple(sizes) and segment.gain == pytest.approx(0.5, abs=0.02)
+    assert "over 7 sizes" in result.choices[32].reason
+    check_backend_names(config, default_registry(), "selected")
 
 
-def test_faster_but_noisy_challenger_does_not_win() -> None:
+def test_fusion_past_its_workspace_is_never_written_however_fast() -> None:
     store = gpu_store()
-    measure(store, "nccl", 32, noisy(100, 10))
-    wide = np.array(noisy(1.0, 13, n=8, rel=0.3))
-    measure(store, "custom_ar", 32, list(wide * 94.0 / np.median(wide)))  # median 6% lower
-    choice = sel.select(store, KEY).choices[32]
-    assert choice.medians_us["custom_ar"] < choice.medians_us["nccl"]
-    assert choice.backend_name == "nccl"
+    sizes = [1024, 2048, 2049, 4096, 8192]
+    fill(store, {"pynccl": 100.0, "flashinfer_fusion_one_shot": 20.0}, sizes)
+    result = sel.select(store, KEY)
+    assert picks(result) == {
+        1024: "flashinfer_fusion_one_shot",
+        2048: "flashinfer_fusion_one_shot",
+        2049: "pynccl",
+        4096: "pynccl",
+        8192: "pynccl",
+    }
+    assert result.excluded(4096)["flashinfer_fusion (fused)"].startswith("unsafe: ")
 
 
-def test_tie_goes_to_the_simpler_challenger() -> None:
+def test_variants_the_consumer_never_runs_are_reported_never_chosen() -> None:
     store = gpu_store()
-    measure(store, "nccl", 64, noisy(100, 20))
-    measure(store, "custom_ar", 64, noisy(85, 21))
-    measure(store, "flashinfer_fusion_one_shot", 64, noisy(84, 22))
-    choice = sel.select(store, KEY).choices[64]
-    assert choice.backend_name == "custom_ar"
-    assert choice.tied == ("flashinfer_fusion_one_shot",)
-    assert "tie" in choice.reason
-
-
-def test_fastest_wins_when_it_beats_the_simpler_challengers() -> None:
-    store = gpu_store()
-    measure(store, "nccl", 64, noisy(100, 20))
-    measure(store, "custom_ar", 64, noisy(85, 21))
-    measure(store, "torch_symm_mem_two_shot", 64, noisy(84, 23))
-    measure(store, "flashinfer_fusion_one_shot", 64, noisy(70, 22))
-    choice = sel.select(store, KEY).choices[64]
-    assert choice.backend_name == "flashinfer_fusion_one_shot"
-    assert set(choice.beaten) == {"nccl", "custom_ar", "torch_symm_mem_two_shot"}
-    assert choice.tied == ()
-
-
-def test_failed_or_uneligible_backends_never_win() -> None:
-    store = gpu_store()
-    measure(store, "nccl", 8, noisy(100, 30))
-    measure(store, "custom_ar", 8, noisy(50, 31), {"numerics": "failed", "graph": "passed"})
-    measure(store, "torch_symm_mem_two_shot", 8, noisy(50, 32), {"numerics": "passed"})
-    measure(
+    sizes = [1, 2, 32]
+    fill(
         store,
-        "flashinfer_fusion_one_shot",
-        8,
-        noisy(50, 33),
-        {"numerics": "passed", "graph": "skipped"},
+        {"custom_ar": 10.0, "flashinfer_fusion_two_shot": 1.0, "torch_symm_mem_two_shot": 2.0},
+        sizes,
     )
     result = sel.select(store, KEY)
-    choice = result.choices[8]
-    assert choice.backend_name == "nccl"
-    assert set(choice.medians_us) == {"nccl"}
-    excluded = result.excluded[8]
-    assert "numerics failed" in excluded["custom_ar"]
-    assert "graph not run" in excluded["torch_symm_mem_two_shot"]
-    assert "graph skipped" in excluded["flashinfer_fusion_one_shot"]
+    assert set(picks(result).values()) == {"custom_ar"}
+    runs = {t.run.variant for ts in result.timings.values() for t in ts}
+    assert "flashinfer_fusion_two_shot" not in runs
+    # Multicast off: the symmetric-memory entry runs SGLang's NCCL path, not two_shot.
+    assert "torch_symm_mem_two_shot" not in runs
 
 
-def test_unavailable_backend_is_excluded_with_its_reason() -> None:
+def test_an_entry_is_eligible_only_where_its_variant_passed_every_suite() -> None:
     store = gpu_store()
-    add_backend(store, "quick_ar", "custom_allreduce", 25, available=False, reason="rank 1: ROCm")
-    measure(store, "nccl", 8, noisy(100, 30))
-    measure(store, "quick_ar", 8, noisy(50, 34))
+    measure(store, "custom_ar", 64, noisy(10, 1), outcome="failed")
+    measure(store, "flashinfer_fusion_one_shot", 64, noisy(20, 2))
+    measure(store, "custom_ar", 128, noisy(10, 3), outcome="failed")
+    measure(store, "flashinfer_fusion_one_shot", 128, noisy(20, 4))
     result = sel.select(store, KEY)
-    assert result.choices[8].backend_name == "nccl"
-    assert result.excluded[8]["quick_ar"] == "unavailable: rank 1: ROCm"
+    assert picks(result) == {64: "flashinfer_fusion_one_shot", 128: "flashinfer_fusion_one_shot"}
+    choice = result.choices[64]
+    assert not choice.default_is_standard and "default (no standard entry)" in choice.reason
+    assert "numerics failed" in result.excluded(64)["nccl"]
 
 
-def test_non_loadable_types_never_appear() -> None:
+def test_nothing_eligible_means_no_key_with_every_reason() -> None:
     store = gpu_store()
-    add_backend(store, "mscclpp", None, 35)
-    add_backend(store, "gloo", "gloo", 1)  # a CPU type cannot go into a GPU config
-    measure(store, "nccl", 16, noisy(100, 40))
-    measure(store, "mscclpp", 16, noisy(40, 41))
-    measure(store, "gloo", 16, noisy(40, 42))
+    measure(store, "custom_ar", 64, noisy(10, 1), outcome="failed")
     result = sel.select(store, KEY)
-    choice = result.choices[16]
-    assert choice.backend_name == "nccl"
-    assert "mscclpp" not in choice.medians_us and "gloo" not in choice.medians_us
-    assert "cannot be loaded" in result.excluded[16]["mscclpp"]
-    assert "cannot be loaded" in result.excluded[16]["gloo"]
-
-
-def test_without_the_standard_default_the_simplest_candidate_is_the_reference() -> None:
-    store = gpu_store()
-    measure(store, "nccl", 128, noisy(100, 50), {"numerics": "failed", "graph": "passed"})
-    measure(store, "custom_ar", 128, noisy(90, 51))
-    measure(store, "torch_symm_mem_two_shot", 128, noisy(89, 52))
-    choice = sel.select(store, KEY).choices[128]
-    assert choice.default == "custom_ar" and not choice.default_is_standard
-    assert choice.backend_name == "custom_ar"  # 1% is within noise
-
-
-def test_no_candidates_means_no_entry_with_a_reason() -> None:
-    store = gpu_store()
-    measure(store, "nccl", 4, noisy(100, 60))
-    measure(store, "nccl", 512, noisy(100, 61), {"numerics": "failed", "graph": "passed"})
-    result = sel.select(store, KEY)
-    assert 512 not in result.choices
-    assert "numerics failed" in result.no_winner[512]
-    assert list(result.to_config()) == [4]
-
-
-def test_gating_suite_that_never_ran_leaves_no_winner() -> None:
-    store = gpu_store()
-    measure(store, "nccl", 4, noisy(100, 60), {"numerics": "passed"})
-    result = sel.select(store, KEY)
-    assert not result.choices
-    assert "graph" in result.no_winner[4]
+    assert 64 not in result.choices
+    assert "nccl: runs custom_ar, not eligible" in result.no_winner[64]
     with pytest.raises(ConfigError):
         result.to_config()
 
 
-def test_cpu_default_is_gloo_and_cpu_shm_may_win() -> None:
-    store = ResultStore("cpu")
-    add_backend(store, "gloo", "gloo", 0)
-    add_backend(store, "cpu_shm", "cpu_shm", 10)
-    add_backend(store, "nccl", "nccl", 0)  # a GPU type on the CPU is not loadable
-    measure(store, "gloo", 1, noisy(100, 70))
-    measure(store, "cpu_shm", 1, noisy(30, 71))
-    measure(store, "gloo", 256, noisy(100, 72))
-    measure(store, "cpu_shm", 256, noisy(101, 73))
-    measure(store, "nccl", 256, noisy(10, 74))
+def test_without_a_compute_capability_nothing_is_chosen() -> None:
+    store = gpu_store(capability=None)
+    measure(store, "custom_ar", 64, noisy(10, 1))
     result = sel.select(store, KEY)
-    assert result.choices[1].backend_name == "cpu_shm"
-    assert result.choices[256].backend_name == "gloo"
-    assert "nccl" in result.excluded[256]
+    assert not result.choices and "compute capability" in result.no_winner[64]
 
 
-def test_backend_not_measured_at_a_size_is_excluded_as_such() -> None:
+def test_multicast_counts_only_when_a_multicast_backend_passed_a_check() -> None:
+    sizes = [64, 128, 256]
+    times = {"custom_ar": 30.0, "torch_symm_mem_two_shot": 10.0}
+    unproven = gpu_store(multicast=True)
+    fill(unproven, times, sizes)
+    assert set(picks(sel.select(unproven, KEY)).values()) == {"custom_ar"}
+    proven = gpu_store(multicast=True)
+    fill(proven, {**times, "torch_symm_mem_multimem": 40.0}, sizes)
+    result = sel.select(proven, KEY)
+    assert set(picks(result).values()) == {"torch_symm_mem_two_shot"}
+    assert result.state is not None and result.state.server.multicast
+    assert "torch_symm_mem_multimem passed" in result.state.facts["multicast"]
+
+
+# ---- the rule: segments, noise, ties -------------------------------------------------------
+
+
+def test_a_single_fast_size_does_not_flip_the_config_but_is_refined() -> None:
     store = gpu_store()
-    measure(store, "nccl", 2, noisy(100, 80))
-    measure(store, "nccl", 4096, noisy(100, 81))
-    measure(store, "custom_ar", 2, noisy(100, 82))
+    sizes = list(range(32, 192, 8))
+    fill(
+        store,
+        {"custom_ar": 10.0, "flashinfer_fusion_one_shot": lambda bs: 4.0 if bs == 56 else 11.0},
+        sizes,
+    )
     result = sel.select(store, KEY)
-    assert result.excluded[4096]["custom_ar"] == "not checked or measured at this size"
+    assert set(picks(result).values()) == {"custom_ar"}
+    assert 56 in result.narrow_wins
+    # Its neighbours are 8 apart, above the resolution at 48: they get measured.
+    assert sel.refinement_points(result, sizes, 184) == [52, 60]
 
 
-def test_missing_fused_latency_is_excluded() -> None:
+def test_a_gain_within_the_drift_floor_keeps_the_default_however_tight() -> None:
     store = gpu_store()
-    measure(store, "nccl", 2, noisy(100, 80))
-    measure(store, "custom_ar", 2, None)
+    sizes = list(range(32, 112, 8))
+    fill(store, {"custom_ar": 10.0, "flashinfer_fusion_one_shot": 9.4}, sizes, rel=0.001)
     result = sel.select(store, KEY)
-    assert "no 'fused' latency" in result.excluded[2]["custom_ar"]
+    assert set(picks(result).values()) == {"custom_ar"}
+    (segment,) = result.segments
+    assert not segment.accepted and "within noise" in segment.why
+    # The drift floor is what held it back: the within-run spread alone would have passed.
+    assert segment.sigma == pytest.approx(noise.DRIFT_FLOOR["cuda"], rel=0.05)
 
 
-def test_fusion_flag_only_for_fused_flashinfer_type() -> None:
-    assert sel.fusion_flag(True, "flashinfer_fusion")
-    assert not sel.fusion_flag(False, "flashinfer_fusion")
-    assert not sel.fusion_flag(True, "cpu_shm")
-
-
-# ---- config --------------------------------------------------------------------------------
-
-
-def test_config_written_with_ascending_keys_and_exact_fields(tmp_path) -> None:
+def test_a_consistent_gain_wins_as_a_whole_where_each_size_alone_is_noisy() -> None:
     store = gpu_store()
-    for i, bs in enumerate([504, 2, 40, 1, 32]):
-        measure(store, "nccl", bs, noisy(100, 90 + i))
-        fi_median = 60 if bs <= 32 else 100
-        measure(store, "flashinfer_fusion_one_shot", bs, noisy(fi_median, 100 + i))
-    config = sel.select(store, KEY).to_config()
-    assert isinstance(config, AllreduceConfig)
-    path = config_path(tmp_path, WS, HIDDEN, "NVIDIA H200")
-    write_config(path, config, "cuda")
-    assert path.name == "allreduce_config_hidden=4096,device=NVIDIA_H200.json"
-    raw = json.loads(path.read_text())
-    assert list(raw) == ["1", "2", "32", "40", "504"]
-    for key, value in raw.items():
-        assert list(value) == ["backend_type", "use_residual_rmsnorm_fusion", "backend_name"]
-        fused = int(key) <= 32
-        assert value == {
-            "backend_type": "flashinfer_fusion" if fused else "nccl",
-            "use_residual_rmsnorm_fusion": fused,
-            "backend_name": "flashinfer_fusion_one_shot" if fused else "nccl",
+    sizes = list(range(32, 512, 8))
+    rng = np.random.default_rng(5)
+    wobble = {bs: math.exp(rng.normal(0, 0.12)) for bs in sizes}
+    fill(
+        store,
+        {"custom_ar": 10.0, "flashinfer_fusion_one_shot": lambda bs: 7.0 * wobble[bs]},
+        sizes,
+    )
+    result = sel.select(store, KEY)
+    assert result.noise is not None
+    rough = result.noise.roughness["flashinfer_fusion_one_shot"]
+    assert rough > 0.05
+    singly = [
+        bs
+        for bs in sizes
+        if math.log(10.0 / (7.0 * wobble[bs]))
+        < noise.Z * math.sqrt(rough**2 + result.noise.drift**2)
+    ]
+    assert singly, "every size would have won on its own; the test shows nothing"
+    assert set(picks(result).values()) == {"flashinfer_fusion_one_shot"}
+
+
+def test_a_slower_size_inside_a_winning_run_does_not_split_it() -> None:
+    store = gpu_store()
+    sizes = list(range(32, 136, 8))
+    fill(
+        store,
+        {"custom_ar": 10.0, "flashinfer_fusion_one_shot": lambda bs: 10.5 if bs == 80 else 5.0},
+        sizes,
+    )
+    assert set(picks(sel.select(store, KEY)).values()) == {"flashinfer_fusion_one_shot"}
+
+
+def test_ties_go_to_the_simpler_entry() -> None:
+    store = gpu_store(multicast=True)
+    sizes = [64, 128, 256, 384]
+    fill(
+        store,
+        {
+            "custom_ar": 20.0,
+            "torch_symm_mem_multimem": 40.0,
+            "torch_symm_mem_two_shot": 10.0,
+            "flashinfer_fusion_one_shot": 9.8,
+        },
+        sizes,
+    )
+    result = sel.select(store, KEY)
+    assert set(picks(result).values()) == {"torch_symm_mem_two_shot"}
+    assert "simpler entry wins the tie" in result.choices[64].reason
+
+
+def test_the_fastest_wins_when_it_beats_the_simpler_beyond_noise() -> None:
+    store = gpu_store(multicast=True)
+    sizes = [64, 128, 256, 384]
+    fill(
+        store,
+        {
+            "custom_ar": 20.0,
+            "torch_symm_mem_multimem": 40.0,
+            "torch_symm_mem_two_shot": 10.0,
+            "flashinfer_fusion_one_shot": 5.0,
+        },
+        sizes,
+    )
+    assert set(picks(sel.select(store, KEY)).values()) == {"flashinfer_fusion_one_shot"}
+
+
+def test_cpu_profile_cpu_shm_above_its_limit_is_gloo() -> None:
+    store = cpu_store()
+    sizes = [1, 2, 1024, 2048, 2049, 4096]
+    fill(store, {"gloo": 100.0, "cpu_shm": 20.0}, sizes)
+    result = sel.select(store, KEY)
+    assert picks(result) == {
+        1: "cpu_shm",
+        2: "cpu_shm",
+        1024: "cpu_shm",
+        2048: "cpu_shm",
+        2049: "gloo",
+        4096: "gloo",
+    }
+    assert result.choices[4096].entry == GLOO  # a tie with gloo goes to the standard entry
+
+
+def test_selection_json_names_the_consumer_every_entry_and_why() -> None:
+    store = gpu_store()
+    fill(store, {"custom_ar": 10.0, "flashinfer_fusion_one_shot": 5.0}, [1, 2, 4096])
+    doc = json.loads(json.dumps(sel.select(store, KEY).to_json()))
+    assert doc["consumer"]["profile"] == SGLANG_ADAPTIVE.name
+    assert doc["consumer"]["capability"] == [9, 0] and doc["consumer"]["multicast"] is False
+    assert doc["rule"]["noise"]["drift_floor"] == noise.DRIFT_FLOOR["cuda"]
+    entries = {e["entry"]: e for e in doc["entries"]["4096"]}
+    assert set(entries) == {
+        "flashinfer_fusion (fused)",
+        "torch_symm_mem",
+        "custom_allreduce",
+        "nccl",
+    }
+    assert entries["flashinfer_fusion (fused)"]["why_not"].startswith("unsafe")
+    assert entries["nccl"]["runs"] == "pynccl" and entries["nccl"]["why_not"]
+    assert doc["choices"]["1"]["runs"].startswith("flashinfer_fusion_one_shot, fused")
+
+
+# ---- noise model ---------------------------------------------------------------------------
+
+
+def test_roughness_recovers_the_noise_of_a_smooth_curve() -> None:
+    rng = np.random.default_rng(3)
+    sizes = list(range(32, 1024, 8))
+    curves = {
+        f"b{i}": {bs: (5 + bs * 0.01 * (i + 1)) * math.exp(rng.normal(0, 0.05 * i)) for bs in sizes}
+        for i in range(3)
+    }
+    found = noise.roughness(curves)
+    assert found["b0"] == pytest.approx(0.0, abs=0.002)
+    assert found["b1"] == pytest.approx(0.05, rel=0.25)
+    assert found["b2"] == pytest.approx(0.10, rel=0.25)
+    # A real step hits few triples: it is not noise.
+    step = {bs: (10.0 if bs < 500 else 30.0) for bs in sizes}
+    assert noise.roughness({"step": step})["step"] == 0.0
+    assert noise.roughness({"a": {1: 1.0, 2: 2.0, 64: 3.0}}) == {"a": 0.0}
+
+
+def test_segment_sigma_pools_the_independent_part_but_not_the_drift() -> None:
+    model = noise.NoiseModel(drift=0.05, roughness={})
+    assert model.segment_sigma([0.01]) == pytest.approx(math.sqrt(0.01 + 0.0025))
+    assert model.segment_sigma([0.01] * 100) == pytest.approx(math.sqrt(0.0001 + 0.0025))
+    assert model.size_variance(0.01, 0.01, "a", "b") == pytest.approx(0.0002)
+    rough = noise.NoiseModel(drift=0.05, roughness={"a": 0.1, "b": 0.0})
+    assert rough.size_variance(0.01, 0.01, "a", "b") == pytest.approx(0.01)
+
+
+def test_log_median_se_shrinks_with_samples() -> None:
+    few, many = noisy(10, 1, n=8, rel=0.1), noisy(10, 1, n=800, rel=0.1)
+    assert noise.log_median_se(many) < noise.log_median_se(few) / 2
+    assert noise.log_median_se(many) == pytest.approx(1.2533 * 0.1 / math.sqrt(800), rel=0.15)
+
+
+# ---- what the writer emits is what the loader takes ----------------------------------------
+
+
+@pytest.mark.parametrize("profile", [SGLANG_ADAPTIVE, CPU_RUNTIME], ids=lambda p: p.device)
+def test_every_run_the_writer_can_name_loads(profile) -> None:  # type: ignore[no-untyped-def]
+    for entry, ws, dtype, hidden in itertools.product(
+        profile.entries, (2, 4, 8), ("bfloat16", "float32"), (4096, 7168)
+    ):
+        allowed = runnable_variants(profile, entry)
+        for server in possible_servers(profile.device, ws, dtype, hidden):
+            for tokens in (1, 7, 1023, 1024, 1170, 1171, 2048, 2049, 8191, 8192, 20000):
+                run = profile.runs(entry, server, tokens)
+                if run.hazard is None:
+                    assert run.variant in allowed, (entry, server, tokens)
+
+
+def test_entries_never_run_what_the_consumer_does_not() -> None:
+    names = set().union(*(runnable_variants(SGLANG_ADAPTIVE, e) for e in SGLANG_ADAPTIVE.entries))
+    assert names == {
+        "custom_ar",
+        "nccl",
+        "pynccl",
+        "torch_symm_mem_two_shot",
+        "torch_symm_mem_multimem",
+        "flashinfer_fusion_one_shot",
+    }
+    assert runnable_variants(CPU_RUNTIME, GLOO) == {"gloo"}
+    assert runnable_variants(CPU_RUNTIME, SHM) == {"cpu_shm", "gloo"}
+    assert runnable_variants(SGLANG_ADAPTIVE, Entry("flashinfer_fusion", False)) == frozenset()
+
+
+# ---- refinement ----------------------------------------------------------------------------
+
+
+def test_refinement_puts_keys_beside_every_consumer_stop() -> None:
+    store = gpu_store()
+    fill(store, {"custom_ar": 10.0, "pynccl": 10.0, "flashinfer_fusion_one_shot": 30.0}, [1, 8192])
+    result = sel.select(store, KEY)
+    # custom allreduce stops below 8 MiB (1023 rows), the fusion's workspace at 2048 rows.
+    assert sel.stop_points(result, 8192) == [1023, 1024, 2048, 2049]
+    assert {1023, 1024, 2048, 2049} <= set(sel.refinement_points(result, [1, 8192], 8192))
+    assert sel.stop_points(result, 1023) == []
+    assert sel.stop_points(result, 1024) == [1023, 1024]
+
+
+def test_bisection_converges_to_keys_beside_crossovers_and_stops() -> None:
+    """The session's loop, with a measurement that writes a known truth into the store."""
+    store = gpu_store()
+
+    def truth(bs: int) -> dict[str, float]:
+        # FlashInfer is faster up to 400 rows, custom allreduce after, pynccl past its buffer.
+        return {
+            "custom_ar": 10.0 + bs * 0.02,
+            "pynccl": 15.0 + bs * 0.02,
+            "flashinfer_fusion_one_shot": 6.0 + bs * 0.03,
         }
 
+    measured: list[int] = []
 
-# ---- bisection -----------------------------------------------------------------------------
+    def measure_size(bs: int) -> None:
+        measured.append(bs)
+        fill(store, truth(bs), [bs])
 
-
-def _fake_selection(winners: dict[int, str | None]) -> sel.Selection:
-    result = sel.Selection(KEY, "cuda")
-    for bs, name in winners.items():
-        if name is None:
-            result.no_winner[bs] = "none"
-            continue
-        result.choices[bs] = sel.Choice(
-            batch_size=bs,
-            backend_name=name,
-            backend_type="nccl",
-            use_residual_rmsnorm_fusion=False,
-            median_us=1.0,
-            reason="test",
-            default="nccl",
-            default_is_standard=True,
-            medians_us={name: 1.0},
-        )
-    return result
-
-
-def test_bisection_points_between_differing_winners() -> None:
-    winners = {1: "a", 2: "a", 32: "b", 40: "b", 48: "a", 49: "b", 56: None, 64: None}
-    assert sel.bisection_points(_fake_selection(winners)) == [17, 44, 52]
-
-
-def test_bisection_points_none_when_settled() -> None:
-    assert sel.bisection_points(_fake_selection({1: "a", 2: "b", 3: "a"})) == []
-    assert sel.bisection_points(_fake_selection({1: "a", 500: "a"})) == []
-    assert sel.bisection_points(_fake_selection({})) == []
-
-
-def test_bisection_loop_converges_to_adjacent_crossovers() -> None:
-    """The engine's loop: measure the points, re-select, repeat until none are left."""
-
-    def truth(bs: int) -> str:
-        return "fi" if bs <= 100 else ("symm" if bs <= 300 else "nccl")
-
-    measured = {1, 2, 32, 504}
-    for _ in range(50):
-        points = sel.bisection_points(_fake_selection({bs: truth(bs) for bs in measured}))
-        if not points:
-            break
-        assert not set(points) & measured
-        measured |= set(points)
-    else:
-        pytest.fail("bisection did not converge")
-    assert {100, 101, 300, 301} <= measured
-    assert len(measured) < 30
+    fill(store, truth(1), [1])
+    for bs in (2, 32, 64, 128, 256, 504, 1008, 2016, 4032, 8192):
+        fill(store, truth(bs), [bs])
+    result = sel.select_with_bisection(store, KEY, measure_size)
+    config = result.to_config()
+    keys = list(config)
+    assert {1023, 1024, 2048, 2049} <= set(keys)
+    fused = [k for k in keys if config[k].backend_name == "flashinfer_fusion_one_shot"]
+    after = [k for k in keys if k > max(fused)]
+    # The fusion is faster up to 400 rows, but worth a switch (3%) only up to 350.
+    assert 330 <= max(fused) < min(after) <= 370
+    assert min(after) - max(fused) <= max(2, max(fused) // 16)
+    assert config[1023].backend_name == "custom_ar" and config[1024].backend_name == "pynccl"
+    assert len(measured) == len(set(measured))

@@ -2,10 +2,11 @@
 
 Written under the output dir:
 
-- ``tp{N}/allreduce_config_hidden={H},device={DEV}.json``: the server config (through
-  ``config.write_config``). Its name carries no dtype, so it is emitted from the bfloat16
-  selection when bfloat16 was planned, else from the first planned dtype; the evidence
-  records which.
+- ``tp{N}/allreduce_config_hidden={H},device={DEV}.json`` and, on CUDA, the same config as
+  ``tp{N}/allreduce_config_hidden={H},tp={N},device={DEV}.json``: the server config under the
+  name each generation of SGLang's adaptive allreduce reads (through ``config.write_config``).
+  Its name carries no dtype, so it is emitted from the bfloat16 selection when bfloat16 was
+  planned, else from the first planned dtype; the evidence records which.
 - ``tp{N}/allreduce_evidence_hidden={H},device={DEV}.json``: per dtype every backend's
   medians, raw samples and verdicts per batch size, the availability matrix with skip
   reasons, the machine fingerprint and why each winner won. A config without its evidence
@@ -21,6 +22,10 @@ Written under the output dir:
 
 One module per format; every file goes through `atomic.atomic_write`: a reader, or a
 server started mid-run, sees the previous file or the new one, never half of one.
+
+A run that did not cover its whole plan for a (world size, hidden), or failed
+(`coverage.py`), writes that shape's files with ``.partial`` before the extension, beside
+the complete ones, which it leaves as they were.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, config_path, device_label
+from ..config import ConfigError, config_paths, device_label
+from ..coverage import Coverage
 from ..model import GroupKey
 from ..results import ResultStore
 from ..selection import Selection
@@ -78,6 +84,7 @@ def write_artifacts(
     output_dir: str | os.PathLike[str],
     device_name: str,
     config_dtype_for: Callable[[int, int], str] | None = None,
+    coverage: Mapping[tuple[int, int], Coverage] | None = None,
     pytest_config: pytest.Config | None = None,
 ) -> WrittenArtifacts:
     """Write every artifact; return the paths written, with `.notes` on what was skipped.
@@ -86,8 +93,11 @@ def write_artifacts(
     "first planned dtype"). `config_dtype_for(world_size, hidden)` names the dtype whose
     selection goes into the config; by default `default_config_dtype` over the planned
     dtypes found in `selections`. `device_name` is the raw device name
-    (``torch.cuda.get_device_name()`` or ``"cpu"``). `pytest_config`, where given, lets
-    pytest-benchmark's hooks build benchmark.json (see `benchmark.benchmark_document`).
+    (``torch.cuda.get_device_name()`` or ``"cpu"``). `coverage` says per (world size,
+    hidden) whether the run was complete; a shape it calls partial (or leaves out) gets
+    ``.partial`` files; without `coverage` every shape counts as complete. `pytest_config`,
+    where given, lets pytest-benchmark's hooks build benchmark.json (see
+    `benchmark.benchmark_document`).
     """
     out = Path(output_dir)
     dev = device_label(device_name)
@@ -110,34 +120,48 @@ def write_artifacts(
             written.notes.append(f"tp{ws} hidden {hidden}: {config_note}")
             config_dtype = fallback
         source = groups[GroupKey(ws, hidden, config_dtype)]
-        config_file: Path | None = config_path(out, ws, hidden, device_name)
+        covered = (
+            coverage.get((ws, hidden), Coverage(ws, hidden, ("its coverage was not recorded",)))
+            if coverage is not None
+            else Coverage(ws, hidden, ())
+        )
+        partial = "" if covered.complete else ".partial"
+        config_files = config_paths(
+            out, ws, hidden, device_name, store.device, partial=bool(partial)
+        )
         if source.choices:
             try:
-                write_config(config_file, source.to_config(), store.device)
-                written.append(config_file)
+                config = source.to_config()
+                for path in config_files:
+                    written.append(write_config(path, config, store.device))
                 config_note = config_note or f"emitted from the {config_dtype} selection"
             except ConfigError as exc:
                 config_note = f"config not written: {exc}"
                 written.notes.append(f"tp{ws} hidden {hidden}: {config_note}")
-                config_file = None
+                config_files = ()
         else:
             config_note = f"config not written: no batch size has a winner for {config_dtype}"
             written.notes.append(f"tp{ws} hidden {hidden}: {config_note}")
-            config_file = None
+            config_files = ()
+        if not covered.complete:
+            written.notes.append(
+                f"tp{ws} hidden {hidden}: this run is {covered.describe()}; its files carry "
+                f"'.partial' and leave any complete config of a full run as it was"
+            )
 
         tp_dir = out / f"tp{ws}"
         evidence_doc = evidence(
-            store, ws, hidden, dev, groups, config_dtype, config_file, config_note
+            store, ws, hidden, dev, groups, config_dtype, config_files, config_note, covered
         )
         written.append(
             atomic_write(
-                tp_dir / f"allreduce_evidence_hidden={hidden},device={dev}.json",
+                tp_dir / f"allreduce_evidence_hidden={hidden},device={dev}{partial}.json",
                 dumps_json(evidence_doc),
             )
         )
         for key, sel in groups.items():
-            stem = f"hidden={hidden},dtype={key.dtype},device={dev}"
-            text = report(store, key, sel, dev, config_dtype, config_file)
+            stem = f"hidden={hidden},dtype={key.dtype},device={dev}{partial}"
+            text = report(store, key, sel, dev, config_dtype, config_files, covered)
             written.append(atomic_write(tp_dir / f"allreduce_report_{stem}.md", text))
             try:
                 png = plot_png(store, key, sel, dev)

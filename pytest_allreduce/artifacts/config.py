@@ -6,7 +6,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import AllreduceConfig, ConfigError, config_types, device_kind, parse_config_text
+from ..config import (
+    AllreduceConfig,
+    ConfigError,
+    check_backend_names,
+    config_types,
+    default_registry,
+    device_kind,
+    parse_config_text,
+)
 from .atomic import atomic_write
 
 # The dtype whose selection names the config when it was planned (servers run bf16).
@@ -30,15 +38,16 @@ def write_config(
 ) -> Path:
     """Validate `config` for `device` ('cuda' or 'cpu') and write it atomically to `path`.
 
-    The text is validated by the loader itself before anything touches the disk, so what is
-    written always loads.
+    The text is validated by the loader itself (file format and the consumer's entries and
+    names) before anything touches the disk, so what is written always loads.
     """
     path = Path(path)
     if not isinstance(config, AllreduceConfig):
         raise TypeError(f"write_config takes an AllreduceConfig, got {type(config).__name__}")
     kind = device_kind(device)
     text = config.dumps()
-    parse_config_text(text, str(path))  # the writer's output must pass the reader's rules
+    # The writer's output must pass the reader's rules, names included.
+    check_backend_names(parse_config_text(text, str(path)), default_registry(), str(path))
     allowed = config_types(kind)
     bad = {k: e.backend_type for k, e in config.items() if e.backend_type not in allowed}
     if bad:

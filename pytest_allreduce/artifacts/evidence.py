@@ -1,6 +1,9 @@
 """The evidence file: every measurement, verdict and decision behind a config.
 
-A config without its evidence cannot be audited; with it, anyone can re-check a choice.
+A config without its evidence cannot be audited; with it, anyone can re-check a choice: it
+records the consumer profile and server state the choice was made for, per batch size every
+config entry's run, time and why it was or was not eligible, the segments the rule tested,
+the noise model, and every variant's raw samples and verdicts.
 """
 
 from __future__ import annotations
@@ -10,15 +13,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import stats
-from ..model import GroupKey
+from ..coverage import Coverage
+from ..model import Availability, GroupKey, Latency, Target, VariantInfo, Verdict
 from ..results import ResultStore
-from ..selection import MIN_GAIN, SELECTION_JOB, Selection, standard_type
+from ..selection import Selection, rule_json
 from .config import CONFIG_DTYPE_RULE
 from .index import GroupData, availability_rows, group_data, latency_json, suites_shown
 
 EVIDENCE_FORMAT = "pytest-allreduce-evidence"
-EVIDENCE_VERSION = 1
+EVIDENCE_VERSION = 2
 
 
 def _dtype_evidence(store: ResultStore, data: GroupData, selection: Selection | None) -> dict:
@@ -69,10 +72,12 @@ def evidence(
     dev: str,
     groups: dict[GroupKey, Selection],
     config_dtype: str,
-    config_file: Path | None,
+    config_files: tuple[Path, ...],
     config_note: str,
+    covered: Coverage,
 ) -> dict[str, Any]:
     ran = {t.backend for key in groups for t in group_data(store, key).targets}
+    source = groups.get(GroupKey(world_size, hidden, config_dtype))
     return {
         "format": EVIDENCE_FORMAT,
         "format_version": EVIDENCE_VERSION,
@@ -82,18 +87,19 @@ def evidence(
         "device": store.device,
         "device_name": dev,
         "config": {
-            "file": config_file.name if config_file is not None else None,
+            "file": config_files[0].name if config_files else None,
+            "files": [p.name for p in config_files],
             "dtype": config_dtype,
             "dtype_rule": CONFIG_DTYPE_RULE,
             "note": config_note,
         },
-        "selection_rule": {
-            "job": SELECTION_JOB,
-            "standard_type": standard_type(store.device),
-            "test": "one-sided Mann-Whitney U, challenger samples less than reference samples",
-            "p_value_max": stats.P_VALUE_MAX,
-            "min_gain": MIN_GAIN,
-        },
+        "coverage": covered.to_json(),
+        "consumer": source.state.to_json() if source and source.state else None,
+        "selection_rule": rule_json(
+            store.device,
+            source.noise if source else None,
+            source.segment_price if source else 0.0,
+        ),
         "required_suites": list(store.required_suites()),
         "missing_suites": store.missing_suites(),
         "machine": store.machine,
@@ -103,3 +109,44 @@ def evidence(
             for key, sel in groups.items()
         },
     }
+
+
+def store_from_evidence(doc: dict[str, Any]) -> ResultStore:
+    """The measurements and verdicts an evidence file records, as a store again.
+
+    Selection can then be re-run on a past run's data (a changed rule, a re-measured drift
+    floor) without measuring anything.
+    """
+    if doc.get("format") != EVIDENCE_FORMAT:
+        raise ValueError(f"not a {EVIDENCE_FORMAT} file (format {doc.get('format')!r})")
+    store = ResultStore(doc["device"])
+    store.machine = dict(doc.get("machine") or {})
+    ws, hidden = doc["world_size"], doc["hidden"]
+    for row in doc.get("availability", []):
+        store.record_availability(
+            Availability(row["backend"], ws, row["available"], row["reason"] or "", row["limits"])
+        )
+    for dtype, per_dtype in doc["dtypes"].items():
+        for name, backend in per_dtype["backends"].items():
+            simplicity = backend["simplicity"] if backend["simplicity"] is not None else 50
+            store.declare(
+                VariantInfo(name, backend["backend_type"], backend["fused_kernel"], simplicity)
+            )
+            for bs, record in backend["batch_sizes"].items():
+                case = Target(name, ws, hidden, dtype).at(int(bs))
+                for suite in record["verdicts"].values():
+                    for verdict in suite["checks"]:
+                        store.record_verdict(case, Verdict(**verdict))
+                for job, lat in record["latency"].items():
+                    store.record_latency(
+                        Latency(
+                            case,
+                            job,
+                            list(lat["samples_us"]),
+                            lat["ops_per_sample"],
+                            lat["clock"],
+                            lat["message_bytes"],
+                            lat["engaged"],
+                        )
+                    )
+    return store

@@ -1,15 +1,25 @@
-"""The Markdown report: per batch size what ran, how fast, what passed, and the choice."""
+"""The Markdown report: per batch size what the server will run, how fast, and why."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import stats
+from .. import noise
+from ..coverage import Coverage
 from ..model import GroupKey
 from ..results import ResultStore
-from ..selection import MIN_GAIN, SELECTION_JOB, Selection, standard_type
+from ..selection import (
+    MIN_GAIN,
+    MIN_RUN,
+    SELECTION_JOB,
+    EntryTiming,
+    Selection,
+    entry_label,
+    standard_type,
+)
 from .config import CONFIG_DTYPE_RULE
 from .index import availability_rows, collapse_other_device, group_data, suites_shown
 
@@ -37,38 +47,150 @@ def _machine_line(machine: Mapping[str, Any]) -> str:
     return "; ".join(parts) if parts else "no machine fingerprint recorded"
 
 
+def no_file_timing(selection: Selection, batch_size: int) -> EntryTiming | None:
+    """The entry the consumer uses without a config file, as timed at `batch_size`."""
+    if selection.state is None:
+        return None
+    entry = selection.state.profile.no_file_entry(batch_size)
+    return next((t for t in selection.timings.get(batch_size, []) if t.entry == entry), None)
+
+
+def speedups_vs_no_file(selection: Selection) -> dict[int, float]:
+    """Per batch size with a winner: the no-file rule's time / the chosen entry's time,
+    where the no-file rule's run was measured and is safe."""
+    found = {}
+    for bs, choice in selection.choices.items():
+        other = no_file_timing(selection, bs)
+        if other is not None and other.run.hazard is None and other.median_us is not None:
+            found[bs] = other.median_us / choice.median_us
+    return found
+
+
+def _header(
+    store: ResultStore,
+    key: GroupKey,
+    selection: Selection,
+    dev: str,
+    config_dtype: str,
+    config_files: tuple[Path, ...],
+    covered: Coverage,
+) -> list[str]:
+    lines = [
+        f"# Allreduce report: tp{key.world_size}, hidden {key.hidden}, {key.dtype}, {dev}",
+        "",
+        f"- Device: {store.device}; {_machine_line(store.machine)}",
+    ]
+    state = selection.state
+    if state is not None:
+        s = state.server
+        facts = "; ".join(f"{k} {v}" for k, v in state.facts.items())
+        cuda = (
+            f"compute capability {s.capability[0]}.{s.capability[1]}, multicast "
+            f"{'on' if s.multicast else 'off'}, "
+            if s.capability
+            else ""
+        )
+        lines.append(
+            f"- Consumer: {state.profile.name}, modelled at world size {s.world_size}, "
+            f"{cuda}{s.dtype}, hidden {s.hidden}" + (f" ({_md_cell(facts)})" if facts else "")
+        )
+    model = selection.noise
+    rule = (
+        f"- Rule: config entries compete, each timed by the `{SELECTION_JOB}` job of the variant "
+        f"the consumer runs for it; the standard entry `{standard_type(store.device)}` is kept "
+        f"unless a challenger is faster over a run of at least {MIN_RUN} neighbouring sizes as "
+        f"a whole, by z >= {noise.Z:.2f} and at least {MIN_GAIN:.0%}; ties go to the simpler"
+    )
+    if model is not None:
+        rough = ", ".join(f"{n} {v:.3f}" for n, v in sorted(model.roughness.items()))
+        rule += (
+            f" (noise: run-to-run drift floor {model.drift:.3f}; this session's roughness per "
+            f"backend: {rough or 'none'}; price of a segment {selection.segment_price:.3f})"
+        )
+    lines.append(rule)
+    names = ", ".join(f"`{p.name}`" for p in config_files)
+    if not config_files:
+        lines.append("- Config: none written (no batch size has a winner)")
+    elif key.dtype == config_dtype:
+        lines.append(f"- Config: {names}, emitted from this selection")
+    else:
+        lines.append(
+            f"- Config: {names}, emitted from the {config_dtype} selection, not this one "
+            f"({CONFIG_DTYPE_RULE})"
+        )
+    if covered.complete:
+        lines.append("- Coverage: complete (every planned case checked and timed)")
+    else:
+        lines.append(
+            f"- Coverage: PARTIAL, so these files carry `.partial` and a complete config "
+            f"is left as it was: {_md_cell('; '.join(covered.gaps))}"
+        )
+    if store.missing_suites():
+        lines.append(f"- Gating suites that did not run: {', '.join(store.missing_suites())}")
+    return lines
+
+
+def _server_table(selection: Selection) -> list[str]:
+    lines = [
+        "",
+        "## What the server runs per batch size",
+        "",
+        "Every measured size; the config holds the ones marked `key` (the ends, both sides of "
+        "every change, and both sides of every size limit of the consumer); a size between two "
+        "keys that run the same thing gets that same entry from the nearest-key lookup.",
+        "",
+        "| batch size | config key | entry | runs | fused | fallbacks declined | median (us) "
+        "| no-file rule runs | no-file (us) | speed-up vs no-file | why |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = set(selection.config_keys())
+    for bs in selection.batch_sizes:
+        choice = selection.choices.get(bs)
+        if choice is None:
+            why = _md_cell(selection.no_winner.get(bs, ""))
+            lines.append(f"| {bs} | | none | - | - | - | - | - | - | - | {why} |")
+            continue
+        other = no_file_timing(selection, bs)
+        other_runs, other_us, speedup = "-", None, "-"
+        if other is not None:
+            other_runs = f"{entry_label(other.entry)} -> {other.run.variant}"
+            if other.run.hazard is not None:
+                other_runs += " (unsafe)"
+            elif other.median_us is not None:
+                other_us = other.median_us
+                speedup = f"{other.median_us / choice.median_us:.2f}x"
+        declined = "; ".join(choice.run.declined) or "-"
+        lines.append(
+            f"| {bs} | {'key' if bs in keys else ''} | **{entry_label(choice.entry)}** | "
+            f"{choice.run.variant} | "
+            f"{'fused' if choice.run.fused else 'composed'} | {_md_cell(declined)} | "
+            f"{_fmt_us(choice.median_us)} | {other_runs} | {_fmt_us(other_us)} | {speedup} | "
+            f"{_md_cell(choice.reason)} |"
+        )
+    speedups = speedups_vs_no_file(selection)
+    if speedups:
+        values = list(speedups.values())
+        geo = math.exp(sum(math.log(v) for v in values) / len(values))
+        lines += [
+            "",
+            f"Speed-up against the consumer's no-file rule over {len(values)} batch sizes: "
+            f"geometric mean {geo:.2f}x, lowest {min(values):.2f}x, highest {max(values):.2f}x.",
+        ]
+    return lines
+
+
 def report(
     store: ResultStore,
     key: GroupKey,
     selection: Selection,
     dev: str,
     config_dtype: str,
-    config_file: Path | None,
+    config_files: tuple[Path, ...],
+    covered: Coverage,
 ) -> str:
     data = group_data(store, key)
     suites = suites_shown(store)
-    std = standard_type(store.device)
-    lines = [
-        f"# Allreduce report: tp{key.world_size}, hidden {key.hidden}, {key.dtype}, {dev}",
-        "",
-        f"- Device: {store.device}; {_machine_line(store.machine)}",
-        f"- Job compared: `{SELECTION_JOB}` (allreduce + residual add + RMSNorm); "
-        f"standard path: `{std}`",
-        f"- Rule: a challenger replaces the default only with one-sided Mann-Whitney "
-        f"p < {stats.P_VALUE_MAX} and a median at least {MIN_GAIN:.0%} lower; ties go to the "
-        "simpler backend",
-    ]
-    if config_file is not None and key.dtype == config_dtype:
-        lines.append(f"- Config: `{config_file.name}` is emitted from this selection")
-    elif config_file is not None:
-        lines.append(
-            f"- Config: `{config_file.name}` is emitted from the {config_dtype} selection, "
-            f"not this one ({CONFIG_DTYPE_RULE})"
-        )
-    else:
-        lines.append("- Config: none written (no batch size has a winner)")
-    if store.missing_suites():
-        lines.append(f"- Gating suites that did not run: {', '.join(store.missing_suites())}")
+    lines = _header(store, key, selection, dev, config_dtype, config_files, covered)
 
     ran = {t.backend for t in data.targets}
     lines += [
@@ -84,41 +206,35 @@ def report(
             f"| {row['backend']} | {row['backend_type'] or '-'} | {fused} | {row['status']} "
             f"| {_md_cell(row['reason'] or '')} |"
         )
-
-    lines += [
-        "",
-        "## Chosen backend per batch size",
-        "",
-        "| batch size | chosen | config type | fusion flag | fused median (us) | why |",
-        "|---|---|---|---|---|---|",
-    ]
-    for bs in selection.batch_sizes:
-        choice = selection.choices.get(bs)
-        if choice is None:
-            why = _md_cell(selection.no_winner.get(bs, ""))
-            lines.append(f"| {bs} | none | - | - | - | {why} |")
-            continue
-        lines.append(
-            f"| {bs} | **{choice.backend_name}** | {choice.backend_type} | "
-            f"{str(choice.use_residual_rmsnorm_fusion).lower()} | {_fmt_us(choice.median_us)} "
-            f"| {_md_cell(choice.reason)} |"
-        )
+    lines += _server_table(selection)
 
     lines += ["", "## Per batch size", ""]
     suite_heads = " | ".join(suites)
     for bs in data.sizes:
-        std_medians = [
-            lat.median_us
-            for t in data.targets
-            if store.server_type(t.backend) == std
-            and (lat := data.latency(t.backend, bs, SELECTION_JOB)) is not None
-        ]
-        std_best = min(std_medians) if std_medians else None
+        timings = selection.timings.get(bs, [])
+        standard = next(
+            (t for t in timings if t.entry.backend_type == standard_type(store.device)), None
+        )
+        standard_us = standard.median_us if standard is not None else None
+        lines += [f"### Batch size {bs}", ""]
+        if timings:
+            lines += [
+                "| entry | runs | fused median (us) | eligible | why not |",
+                "|---|---|---|---|---|",
+            ]
+            chosen = selection.choices.get(bs)
+            for t in timings:
+                name = entry_label(t.entry)
+                if chosen is not None and chosen.entry == t.entry:
+                    name = f"**{name}**"
+                lines.append(
+                    f"| {name} | {t.run.variant} | {_fmt_us(t.median_us)} | "
+                    f"{'yes' if t.eligible else 'no'} | {_md_cell(t.exclusion or '')} |"
+                )
+            lines.append("")
         lines += [
-            f"### Batch size {bs}",
-            "",
-            f"| backend | fused median (us) | allreduce median (us) | allreduce p10-p90 (us) "
-            f"| algbw / busbw (GB/s) | speedup vs fastest {std} | {suite_heads} | chosen |",
+            f"| variant | fused median (us) | allreduce median (us) | allreduce p10-p90 (us) "
+            f"| algbw / busbw (GB/s) | speed-up vs standard entry | {suite_heads} | runs here |",
             "|---|---|---|---|---|---|" + "---|" * len(suites) + "---|",
         ]
         for t in data.targets:
@@ -129,13 +245,13 @@ def report(
                 continue
             fused_med = fused_lat.median_us if fused_lat is not None else None
             speedup = (
-                f"{std_best / fused_med:.2f}x"
-                if std_best is not None and fused_med is not None and fused_med > 0
+                f"{standard_us / fused_med:.2f}x"
+                if standard_us is not None and fused_med is not None and fused_med > 0
                 else "-"
             )
             outcomes = " | ".join(store.suite_outcome(case, s) for s in suites)
-            chosen = selection.winner(bs) == t.backend
-            name = f"**{t.backend}**" if chosen else t.backend
+            runs_here = selection.winner(bs) == t.backend
+            name = f"**{t.backend}**" if runs_here else t.backend
             spread = bandwidth = "-"
             if bare_lat is not None:
                 low, high = bare_lat.spread_us
@@ -144,7 +260,7 @@ def report(
             lines.append(
                 f"| {name} | {_fmt_us(fused_med)} | "
                 f"{_fmt_us(bare_lat.median_us if bare_lat else None)} | {spread} | {bandwidth} | "
-                f"{speedup} | {outcomes} | {'chosen' if chosen else ''} |"
+                f"{speedup} | {outcomes} | {'yes' if runs_here else ''} |"
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
