@@ -39,7 +39,7 @@ from typing import Any
 from pytest_allreduce.config import AllreduceConfig, load_config
 from pytest_allreduce.consumer import ConsumerProfile, Entry, Run, Server, profile_for
 from pytest_allreduce.context import multicast_disabled_by
-from pytest_allreduce.options import parse_int_list
+from pytest_allreduce.options import MAX_TOKENS_LIMIT, parse_int_list
 from pytest_allreduce.registry import BackendRegistry, Variant
 from pytest_allreduce.selection import entry_label, standard_type
 from pytest_allreduce.serving import IN_CUDA_GRAPH
@@ -53,26 +53,25 @@ DEFAULT_ROUNDS = 5
 def time_candidates(
     pool: Any, works: dict[str, Any], rows: int, rounds: int, samples: int
 ) -> dict[str, list[float]]:
-    """Fused-job samples per variant at `rows`, `rounds` rounds in a rotating order.
+    """Fused-job samples per variant at `rows`: every candidate timed in one interleaved run
+    (`timing.measure_interleaved`: each round times every candidate once, in an order that
+    rotates from round to round), `rounds * samples` rounds. A candidate whose outputs were
+    wrong while timed gets no samples (the row says it is unavailable)."""
+    import dataclasses
 
-    Uses `timing.measure` as it is (one call per variant and round); an interleaved timing
-    API that times several candidates in one call can replace this function alone.
-    """
     from pytest_allreduce import timing
 
     device = "cuda" if pool.device_type == "cuda" else "cpu"
-    base = timing.TimingPlan.for_device(device)
-    plan = timing.TimingPlan(
-        samples=samples, ops_per_sample=base.ops_per_sample, warmup=base.warmup
-    )
+    plan = dataclasses.replace(timing.TimingPlan.for_device(device), samples=rounds * samples)
     names = sorted(works)
-    found: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            result = pool.run(timing.measure, works[name], rows, "fused", plan)[0]
-            found[name] += result.samples_us
-    return found
+    result = pool.run(
+        timing.measure_interleaved, [works[n] for n in names], rows, "fused", plan
+    )[0]
+    return {
+        name: cand.samples_us
+        for name, cand in zip(names, result.candidates, strict=True)
+        if not cand.problems
+    }
 
 
 # ---- the model of what runs --------------------------------------------------------------
@@ -146,7 +145,7 @@ def build_setting(args: argparse.Namespace, fingerprint: dict[str, Any]) -> Sett
             in_cuda_graph=bool(state.get("in_cuda_graph", IN_CUDA_GRAPH)),
         )
     sizes = (
-        parse_int_list(args.sizes)
+        parse_int_list(args.sizes, MAX_TOKENS_LIMIT)
         if args.sizes
         else default_sizes(config.batch_sizes, args.max_tokens)
     )

@@ -214,6 +214,14 @@ def runnable_variants(profile: ConsumerProfile, entry: Entry) -> frozenset[str]:
     return frozenset(names)
 
 
+def writable_variants(profile: ConsumerProfile) -> frozenset[str]:
+    """Every variant a config written for `profile` may name (for any entry)."""
+    names: set[str] = set()
+    for entry in profile.entries:
+        names |= runnable_variants(profile, entry)
+    return frozenset(names)
+
+
 def decision_horizon(profile: ConsumerProfile, servers: list[Server], max_tokens: int) -> int:
     """The token count past which no config choice changes what runs, capped at max_tokens.
 

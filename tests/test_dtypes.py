@@ -17,6 +17,7 @@ def test_numerics_in_every_dtype_and_config_from_bfloat16(pytester: pytest.Pytes
         "pytest_allreduce.suites.test_latency",
         "--allreduce-dtypes=float32,float16,bfloat16",
         "--allreduce-batch-sizes=1,8",
+        "--allreduce-max-tokens=8",
         "--allreduce-hidden-sizes=256",
         "--allreduce-output-dir=out",
         timeout=240,

@@ -254,6 +254,8 @@ def test_batch_sizes_from_flag_and_ini(
         pytester.makeini(f"[pytest]\nallreduce_batch_sizes = {ini}\n")
     pytester.makepyfile(test_case=TEST_CASE_PY)
     args = ["--allreduce-backends=gloo", "--allreduce-device=cpu", "--collect-only", "-q"]
+    # No tail past the planned sizes: only the planned sizes are collected.
+    args.append(f"--allreduce-max-tokens={max(sizes)}")
     if flag is not None:
         args.append(f"--allreduce-batch-sizes={flag}")
     result = pytester.runpytest(*args, "-p", "no:cacheprovider", "test_case.py")
@@ -276,6 +278,7 @@ def test_real_suites_write_the_config_evidence_report_and_plot(pytester: pytest.
         "--pyargs",
         "pytest_allreduce.suites",
         "--allreduce-batch-sizes=1,8,64",
+        "--allreduce-max-tokens=64",
         "--allreduce-output-dir=out",
         "--allreduce-timeout=60",
         timeout=300,
@@ -286,7 +289,8 @@ def test_real_suites_write_the_config_evidence_report_and_plot(pytester: pytest.
 
     out = pytester.path / "out"
     config = _check_config(out / CONFIG)
-    assert {"1", "8", "64"} <= set(config)
+    # Keys only where what runs changes: the first and the last planned size at least.
+    assert {"1", "64"} <= set(config)
     assert {e["backend_type"] for e in config.values()} <= {"gloo", "cpu_shm"}
 
     evidence = json.loads((out / EVIDENCE).read_text())
@@ -342,7 +346,7 @@ def test_second_run_replaces_artifacts_atomically_and_a_usage_error_touches_noth
     )
     out = pytester.path / "out"
     first = pytester.runpytest_subprocess(
-        *common, "--allreduce-batch-sizes=1,8", "-q", timeout=300
+        *common, "--allreduce-batch-sizes=1,8", "--allreduce-max-tokens=8", "-q", timeout=300
     )
     assert first.ret == pytest.ExitCode.OK, first.stdout.str()
     assert "allreduce: " not in first.stdout.str()  # no progress lines under -q
@@ -350,7 +354,9 @@ def test_second_run_replaces_artifacts_atomically_and_a_usage_error_touches_noth
     files_first = _files(out)
     assert {str(CONFIG), str(EVIDENCE), str(REPORT)} <= files_first.keys()
 
-    second = pytester.runpytest_subprocess(*common, "--allreduce-batch-sizes=2,16", timeout=300)
+    second = pytester.runpytest_subprocess(
+        *common, "--allreduce-batch-sizes=2,16", "--allreduce-max-tokens=16", timeout=300
+    )
     assert second.ret == pytest.ExitCode.OK, second.stdout.str()
     assert set(_check_config(out / CONFIG)) == {"2", "16"}
     files_second = _files(out)
@@ -444,6 +450,7 @@ def test_backend_that_one_rank_refuses_is_skipped_naming_the_rank(
         "-rs",
         "--allreduce-backends=gloo,picky",
         "--allreduce-batch-sizes=1,8",
+        "--allreduce-max-tokens=8",
         "--allreduce-timeout=30",
         timeout=120,
     )
@@ -519,6 +526,7 @@ def test_under_torchrun_both_ranks_pass_and_only_rank_zero_writes(
         "pytest_allreduce.suites",
         "--allreduce-backends=gloo",
         "--allreduce-batch-sizes=1,8",
+        "--allreduce-max-tokens=8",
         "--allreduce-output-dir=out",
         "--allreduce-timeout=60",
         timeout=300,

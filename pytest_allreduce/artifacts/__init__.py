@@ -190,12 +190,17 @@ def planned_file_count(selections: Mapping[GroupKey, Selection]) -> int:
     progress line before it starts): per (world size, hidden) the evidence and, where the
     config's selection has a winner, the config; per group a report and, with matplotlib,
     a plot; and benchmark.json with pytest-benchmark."""
+    from ..consumer import profile_for
+
     shapes: dict[tuple[int, int], list[GroupKey]] = defaultdict(list)
     for key in selections:
         shapes[(key.world_size, key.hidden)].append(key)
     count = 0
     for (ws, hidden), keys in shapes.items():
         config_dtype = default_config_dtype([k.dtype for k in keys])
-        count += 1 + bool(selections[GroupKey(ws, hidden, config_dtype)].choices)
+        chosen = selections[GroupKey(ws, hidden, config_dtype)]
+        # One config file per name the consumer's generations read.
+        names = len(profile_for(chosen.device).config_files(hidden, ws, "device"))
+        count += 1 + names * bool(chosen.choices)
         count += len(keys) * (1 + bool(find_spec("matplotlib")))
     return count + bool(find_spec("pytest_benchmark"))

@@ -15,9 +15,11 @@ import itertools
 import math
 from typing import Any
 
+from ..consumer import profile_for
 from ..model import GroupKey
 from ..results import ResultStore
-from ..selection import SELECTION_JOB, Selection, loadable_types
+from ..selection import SELECTION_JOB, Selection
+from ..serving import writable_variants
 from .index import GroupData, group_data
 from .server_default import gains
 
@@ -53,7 +55,7 @@ def _draw_backends(
     ax: Any, store: ResultStore, data: GroupData, colors: dict[str, Any]
 ) -> list[float]:
     """Median lines with their p10-p90 bands; returns every median drawn."""
-    loadable = loadable_types(store.device)
+    writable_names = writable_variants(profile_for(store.device))
     medians: list[float] = []
     for t in data.targets:
         points = [
@@ -66,7 +68,7 @@ def _draw_backends(
         xs = [bs for bs, _ in points]
         ys = [lat.median_us for _, lat in points]
         medians += ys
-        writable = store.server_type(t.backend) in loadable
+        writable = t.backend in writable_names
         label = t.backend if writable else f"{t.backend} (cannot be written to a config)"
         ax.plot(
             xs,

@@ -10,16 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..consumer import Server, profile_for
 from ..model import GroupKey, Target
 from ..results import ResultStore
 from ..selection import SELECTION_JOB, Selection
-
-# The variants whose availability tells which server facts hold on this machine: a
-# multicast variant that ran means the symmetric buffer gets a multicast address, a custom
-# allreduce that ran beyond two ranks means full NVLink (its probe refuses otherwise).
-MULTICAST_WITNESS = "torch_symm_mem_multimem"
-FULL_NVLINK_WITNESS = "custom_ar"
+from ..serving import UnknownServer, session_server
 
 
 @dataclass(frozen=True)
@@ -36,40 +30,15 @@ class Gain:
         return self.default_us / self.chosen_us
 
 
-def server_for(store: ResultStore, key: GroupKey) -> Server | None:
-    """The server this session's machine stands for, or None where a fact is missing."""
-    if store.device == "cpu":
-        return Server.cpu(world_size=key.world_size, dtype=key.dtype, hidden=key.hidden)
-    try:
-        major, minor = (int(p) for p in str(store.machine["compute_capability"]).split("."))
-    except (KeyError, ValueError):
-        return None
-
-    def ran(name: str) -> bool:
-        availability = store.availability.get((name, key.world_size))
-        return availability is not None and availability.available
-
-    return Server.cuda(
-        world_size=key.world_size,
-        capability=(major, minor),
-        multicast=ran(MULTICAST_WITNESS),
-        full_nvlink=key.world_size <= 2 or ran(FULL_NVLINK_WITNESS),
-        dtype=key.dtype,
-        hidden=key.hidden,
-        # Every latency here is a CUDA-graph replay, as a server's decode steps are.
-        in_cuda_graph=True,
-    )
-
-
 def gains(store: ResultStore, key: GroupKey, selection: Selection) -> list[Gain]:
     """Per chosen size where the no-file run was timed too: the speed-up of the choice."""
-    server = server_for(store, key)
-    if server is None:
+    try:
+        state = session_server(store, key)
+    except UnknownServer:
         return []
-    profile = profile_for(store.device)
     found = []
     for rows, choice in sorted(selection.choices.items()):
-        run = profile.runs(profile.no_file_entry(rows), server, rows)
+        run = state.runs(state.profile.no_file_entry(rows), rows)
         default_case = Target(run.variant, key.world_size, key.hidden, key.dtype).at(rows)
         default = store.latency(default_case, SELECTION_JOB)
         if default is None or choice.median_us <= 0:
