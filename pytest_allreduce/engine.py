@@ -64,6 +64,11 @@ class Engine:
         self._executors: dict[int, Executor] = {}
         # Rows every set-up must hold: the plan's sizes and the checks' extra sizes.
         self.needed_rows = max([*plan.batch_sizes, *(r for c in CHECKS for r in c.extra_rows)])
+        # Where a call hung or lost a rank: (target, rows) -> why, naming the test that met
+        # it. The rest of that backend's work at that size is skipped with this reason
+        # instead of each call waiting out the timeout and restarting the pool again.
+        self.broken_cases: dict[tuple[Target, int], str] = {}
+        self.current_test = ""  # the test (or session-end step) now calling, for that reason
 
     # ---- executors -----------------------------------------------------------------------
 
@@ -198,7 +203,23 @@ class Engine:
         )
         if refusal:
             raise CaseSkipped(f"outside {target.backend}'s limits: {refusal}")
+        if broken := self.broken_cases.get((target, case.batch_size)):
+            raise CaseSkipped(broken)
         return self.work(target)
+
+    def call_case(self, case: Case, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """`call` for work at `case`; a hang or rank death is remembered for the case."""
+        from .pool import RankFailure
+
+        try:
+            return self.call(case.target.world_size, fn, *args)
+        except RankFailure as failure:
+            if failure.pool_broken:
+                self.broken_cases[(case.target, case.batch_size)] = (
+                    f"{case.target.backend} hung or lost a rank at {case.batch_size} rows in "
+                    f"{self.current_test or 'an earlier call'}: {failure.summary}"
+                )
+            raise
 
     def check_refusal(self, check: Check, target: Target) -> str | None:
         """Why `check` does not apply to `target` here, or None."""
@@ -217,7 +238,7 @@ class Engine:
         if reason := self.check_refusal(check, case.target):
             raise CaseSkipped(reason)
         work = self.require(case)
-        reports = self.call(case.target.world_size, check.fn, work, case.batch_size, *check.args)
+        reports = self.call_case(case, check.fn, work, case.batch_size, *check.args)
         problems = tuple(f"rank {r.rank}: {p}" for r in reports for p in r.problems)
         return CheckOutcome(check, case, problems, reports[0].engaged if reports else "")
 
@@ -226,9 +247,7 @@ class Engine:
         from . import timing
 
         work = self.require(case)
-        result = self.call(
-            case.target.world_size, timing.measure, work, case.batch_size, job, timing_plan
-        )[0]
+        result = self.call_case(case, timing.measure, work, case.batch_size, job, timing_plan)[0]
         return Latency(
             case=case,
             job=job,

@@ -2,6 +2,13 @@
 
 Suites write into it (through the plugin's report hook and the latency fixture); selection,
 artifacts and the baseline gate read from it at session end.
+
+Eligibility has two parts. A backend variant must have passed every gating suite at the
+exact shape it would win, and it must not be disqualified for the whole (world size, hidden,
+dtype): one failed check anywhere, in any suite and at any size, whether a test or
+session-end work recorded it, shows the variant can give wrong results there, and the config
+routes many sizes to each key. Only a failure at a size outside the variant's declared limits
+is explained by them and disqualifies nothing.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from .backend import Limits
 from .model import (
     GATING_SUITES,
     Availability,
@@ -82,9 +90,62 @@ class ResultStore:
             return "skipped"
         return "passed"
 
+    def limits(self, target: Target) -> Limits | None:
+        """The variant's declared limits at the target's world size, as recorded with its
+        availability (None before any rank was asked)."""
+        availability = self.availability.get((target.backend, target.world_size))
+        if availability is None or not availability.limits:
+            return None
+        return Limits(**availability.limits)
+
+    def explained_by_limits(self, case: Case) -> str | None:
+        """Why `case` lies outside the variant's declared limits, or None."""
+        limits = self.limits(case.target)
+        if limits is None:
+            return None
+        t = case.target
+        return limits.shape_refusal(case.batch_size, t.hidden, t.dtype, t.world_size)
+
+    def disqualifying_failures(self, target: Target) -> list[tuple[Case, Verdict]]:
+        """Every failed check of `target`, in any suite at any size, that its declared
+        limits do not explain; in order of size, then suite."""
+        found = []
+        for case in sorted(c for c in self.verdicts if c.target == target):
+            if self.explained_by_limits(case) is not None:
+                continue
+            for suite in sorted(self.verdicts[case]):
+                found += [(case, v) for v in self.verdicts[case][suite] if v.outcome == "failed"]
+        return found
+
+    def disqualification(self, target: Target) -> str | None:
+        """Why `target` is out of the config for its (world size, hidden, dtype), or None."""
+        failures = self.disqualifying_failures(target)
+        if not failures:
+            return None
+        shown = "; ".join(
+            f"{v.suite} failed at {case.batch_size} rows ({v.test_id or 'no test id'})"
+            for case, v in failures[:3]
+        )
+        more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+        return f"disqualified by {len(failures)} failed check(s): {shown}{more}"
+
+    def disqualified(self) -> dict[Target, str]:
+        """Every disqualified target, with why."""
+        targets = {case.target for case in self.verdicts}
+        found = {t: self.disqualification(t) for t in sorted(targets)}
+        return {t: why for t, why in found.items() if why is not None}
+
+    def ineligibility(self, case: Case) -> str | None:
+        """Why `case` may not win at its size, or None when it may."""
+        if why := self.disqualification(case.target):
+            return why
+        outcomes = {s: self.suite_outcome(case, s) for s in self.required_suites()}
+        missing = ", ".join(f"{s} {o}" for s, o in outcomes.items() if o != "passed")
+        return f"not passed at this size: {missing}" if missing else None
+
     def eligible(self, case: Case) -> bool:
-        """Passed every required gating suite at this exact shape."""
-        return all(self.suite_outcome(case, s) == "passed" for s in self.required_suites())
+        """Passed every required gating suite at this exact shape, and not disqualified."""
+        return self.ineligibility(case) is None
 
     def latency(self, case: Case, job: Job) -> Latency | None:
         return self.latencies.get((case, job))

@@ -248,10 +248,8 @@ def _exclusion(store: ResultStore, case: Case, loadable: frozenset[str]) -> str 
         return f"config type {btype!r} cannot be loaded by the server on {store.device}"
     if case not in store.verdicts and store.latency(case, SELECTION_JOB) is None:
         return "not checked or measured at this size"
-    if not store.eligible(case):
-        outcomes = {s: store.suite_outcome(case, s) for s in store.required_suites()}
-        bad = ", ".join(f"{s} {o}" for s, o in outcomes.items() if o != "passed")
-        return f"not eligible ({bad})"
+    if (why := store.ineligibility(case)) is not None:
+        return f"not eligible: {why}"
     latency = store.latency(case, SELECTION_JOB)
     if latency is None or not latency.samples_us:
         return f"no {SELECTION_JOB!r} latency samples"

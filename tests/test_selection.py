@@ -227,10 +227,14 @@ def test_no_candidates_means_no_entry_with_a_reason() -> None:
     store = gpu_store()
     measure(store, "nccl", 4, noisy(100, 60))
     measure(store, "nccl", 512, noisy(100, 61), {"numerics": "failed", "graph": "passed"})
+    measure(store, "custom_ar", 4, noisy(100, 62))
     result = sel.select(store, KEY)
     assert 512 not in result.choices
     assert "numerics failed" in result.no_winner[512]
+    # A failure at one size disqualifies the backend at every size of the config.
+    assert "disqualified" in result.excluded[4]["nccl"]
     assert list(result.to_config()) == [4]
+    assert result.choices[4].backend_name == "custom_ar"
 
 
 def test_gating_suite_that_never_ran_leaves_no_winner() -> None:
