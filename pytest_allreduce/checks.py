@@ -141,7 +141,9 @@ def sum_error_bound(abs_sum: torch.Tensor, n_terms: int, dtype: torch.dtype) -> 
     a correct result is in fact unique: `rounded_sum` demands it bit for bit there.
     """
     steps = n_terms - 1
-    factor = ((1 + unit_roundoff(dtype)) * (1 + FLOAT32_UNIT_ROUNDOFF)) ** steps - 1
+    # For float32 itself the two roundings are one.
+    accumulator = FLOAT32_UNIT_ROUNDOFF if dtype.itemsize < 4 else 0.0
+    factor = ((1 + unit_roundoff(dtype)) * (1 + accumulator)) ** steps - 1
     slack = n_terms * (Format.of(dtype).smallest_subnormal + 2 * FLOAT32_SMALLEST_NORMAL)
     return factor * abs_sum + slack
 
@@ -411,17 +413,6 @@ def decode_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(codes >= 8, -magnitude, magnitude)
 
 
-def _window(target: torch.Tensor, relative: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ends of the interval within `relative` of `target`. Rounding is monotone, so what
-    it gives anywhere in the interval lies between what it gives at the two ends."""
-    ends = (target * (1 - relative), target * (1 + relative))
-    return torch.minimum(*ends), torch.maximum(*ends)
-
-
-def _outside(got: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    return ~((got >= low) & (got <= high))  # NaN is outside
-
-
 def check_quantized(
     report: CheckReport, what: str, out: torch.Tensor, quantized: QuantizedOutput
 ) -> None:
@@ -439,43 +430,50 @@ def check_quantized(
     relative = unit_roundoff(out.dtype) + 8 * FLOAT32_UNIT_ROUNDOFF
     problems: list[str] = []
     if quantized.format == "fp8_e4m3":
-        got = quantized.values.float()
-        low, high = _window(v / quantized.scale, relative)
-        bad = _outside(got, round_e4m3(low), round_e4m3(high))
-        _quantization_problem(problems, "values", bad, got, v)
+        target = v / quantized.scale
+        _against(problems, "values", quantized.values.float(), target, relative, round_e4m3)
     elif quantized.format == "nvfp4":
         rows, hidden = v.shape
         blocks = v.view(rows, hidden // NVFP4_BLOCK, NVFP4_BLOCK)
         assert quantized.block_scales is not None
         scales = quantized.block_scales.float().view(rows, hidden // NVFP4_BLOCK)
         ideal = blocks.abs().amax(-1) / 6 / quantized.scale
-        low, high = _window(ideal, relative)
-        _quantization_problem(
-            problems, "block scales", _outside(scales, round_e4m3(low), round_e4m3(high)),
-            scales, ideal,
-        )  # fmt: skip
+        _against(problems, "block scales", scales, ideal, relative, round_e4m3)
         codes = decode_e2m1(quantized.values).view(rows, hidden // NVFP4_BLOCK, NVFP4_BLOCK)
         divisor = (scales * quantized.scale).unsqueeze(-1)
         # A zero block scale means a zero block: every code must then be zero.
         target = torch.where(divisor > 0, blocks / divisor.clamp_min(1e-30), 0.0)
-        low, high = _window(target, relative + 4 * FLOAT32_UNIT_ROUNDOFF)
-        bad = _outside(codes, round_e2m1(low), round_e2m1(high))
-        flat = (bad.view(rows, hidden), codes.view(rows, hidden))
-        _quantization_problem(problems, "codes", *flat, v)
+        # the kernel's division by the block scale adds a few float32 roundings
+        window = relative + 4 * FLOAT32_UNIT_ROUNDOFF
+        _against(problems, "codes", codes, target, window, round_e2m1)
     else:
         problems.append(f"unknown quantized format {quantized.format!r}")
     report.problems += [f"{what}: {p}" for p in problems]
 
 
-def _quantization_problem(
-    problems: list[str], what: str, bad: torch.Tensor, got: torch.Tensor, source: torch.Tensor
+def _against(
+    problems: list[str],
+    what: str,
+    got: torch.Tensor,
+    target: torch.Tensor,
+    relative: float,
+    rounding: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
+    """`got` must be what `rounding` gives for some value within `relative` of `target`.
+    Rounding is monotone, so that is anything between its results at the window's ends."""
+    ends = (target * (1 - relative), target * (1 + relative))
+    low, high = rounding(torch.minimum(*ends)), rounding(torch.maximum(*ends))
+    bad = ~((got >= low) & (got <= high))  # NaN is outside
     count = int(bad.sum().item())
     if count:
         idx = tuple(bad.nonzero()[0].tolist())
+        allowed = f"{low[idx].item()!r}" + (
+            f" to {high[idx].item()!r}" if high[idx] != low[idx] else ""
+        )
         problems.append(
-            f"{count} of {bad.numel()} {what} are not the reference quantization; first at "
-            f"{list(idx)}: got {got[idx].item()!r} from {source[idx].item()!r}"
+            f"{what}: {count} of {bad.numel()} are not the reference quantization; first at "
+            f"{list(idx)}: got {got[idx].item()!r}, want {allowed} (the rounding of "
+            f"{target[idx].item():.6g})"
         )
 
 
