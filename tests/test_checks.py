@@ -316,3 +316,18 @@ def test_nvfp4_reference_quantization_and_its_window() -> None:
     packed, scales = quantize_nvfp4(out, 2.0)
     swapped = (packed >> 4) | (packed << 4)  # nibbles in the wrong order
     assert _check(out, QuantizedOutput("nvfp4", swapped, 2.0, scales))
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 4), (3, 32), (130, 6), (256, 8)])
+def test_flashinfer_fp4_scales_are_read_back_from_the_128x4_tiling(rows: int, cols: int) -> None:
+    from pytest_allreduce.backends.flashinfer_fusion import unswizzle_128x4
+
+    padded_rows, padded_cols = -(-rows // 128) * 128, -(-cols // 4) * 4
+    matrix = torch.randint(0, 255, (rows, cols), dtype=torch.uint8)
+    swizzled = torch.zeros(padded_rows * padded_cols + 7, dtype=torch.uint8)
+    for r in range(rows):  # where the FP4 kernels write scale (r, c), element by element
+        for c in range(cols):
+            at = (r // 128) * (padded_cols // 4) * 512 + (c // 4) * 512
+            at += (r % 32) * 16 + (r % 128) // 32 * 4 + c % 4
+            swizzled[at] = matrix[r, c]
+    assert torch.equal(unswizzle_128x4(swizzled, rows, cols), matrix)
