@@ -139,6 +139,12 @@ class AllreduceSession:
 
     # ---- verdicts ------------------------------------------------------------------------
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        # Named in the reason the engine gives for skipping the rest of a backend's work at
+        # a size where this test hung or lost a rank.
+        self.engine.current_test = item.nodeid
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
@@ -163,12 +169,6 @@ class AllreduceSession:
         self.store.record_latency(latency)
 
     # ---- session end ---------------------------------------------------------------------
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        # Named in the reason the engine gives for skipping the rest of a backend's work at
-        # a size where this test hung or lost a rank.
-        self.engine.current_test = item.nodeid
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         try:
@@ -255,12 +255,14 @@ class AllreduceSession:
         """Select (with bisection), then check the sizes the config routes to each winner;
         while that disqualifies someone, select again without them."""
         chosen = self._select(key)
-        while True:
+        # Each round that changes anything disqualifies a winner for good: few rounds.
+        for _ in self._planned_targets:
             before = set(self.store.disqualified())
             self.check_routed_sizes(key, chosen)
             if set(self.store.disqualified()) == before:
-                return chosen
+                break
             chosen = self._select(key)
+        return chosen
 
     def check_routed_sizes(self, key: GroupKey, selection: Selection) -> None:
         """Every check of the table that runs at each size, at the sizes the config routes
@@ -281,9 +283,14 @@ class AllreduceSession:
                 self._record_check(case, check, "routed size")
 
     def _checked(self, case: Case) -> bool:
-        """Every suite of the each-size checks has a verdict at `case` (of any outcome)."""
+        """Every suite of the each-size checks that applies here has a verdict at `case`
+        (of any outcome)."""
         recorded = self.store.verdicts.get(case, {})
-        return all(check.suite in recorded for check in checks_at_each_size())
+        return all(
+            check.suite in recorded
+            for check in checks_at_each_size()
+            if self.engine.check_refusal(check, case.target) is None
+        )
 
     def session_end_failures(self) -> list[str]:
         """The failed checks that session-end work recorded, as "test id at case"."""
