@@ -12,7 +12,7 @@ the tests hold the two to the same answer at every size.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 # A gap between neighbouring keys wider than this many rows gets its midpoints on both
 # sides sampled too, not only the two sizes at the switch from one key to the next. Plans
@@ -25,12 +25,14 @@ def _odd(n: int) -> int:
     return n | 1
 
 
-def sizes_to_check(keys: Sequence[int], end: int) -> list[tuple[int, int]]:
-    """(rows, key it is routed to) for every size to check, ascending: every key, and in
-    every gap between neighbouring keys the two sizes on either side of the switch (one of
-    them odd); wide gaps also get the odd midpoint of each side. Below the smallest key and
-    above the largest (up to `end`), the range's ends and odd midpoint."""
-    ordered = sorted(set(keys))
+def sizes_to_check(winners: Mapping[int, str], end: int) -> list[tuple[int, int]]:
+    """(rows, key it is routed to) for every size to check, ascending, given the winner of
+    each key: every key; in every gap between neighbouring keys, the sizes on both sides of
+    the switch from one key to the next where the winner changes there, else the odd one
+    of the two (the same backend serves both); wide gaps also get the odd midpoint of each
+    side. Below the smallest key and above the largest (up to `end`), the range's ends and
+    odd midpoint."""
+    ordered = sorted(winners)
     if not ordered:
         return []
     points: set[int] = set(ordered)
@@ -38,7 +40,10 @@ def sizes_to_check(keys: Sequence[int], end: int) -> list[tuple[int, int]]:
         if high - low < 2:
             continue
         switch = (low + high) // 2  # the last size routed to `low`
-        points |= {switch, switch + 1}
+        if winners[low] != winners[high] or high - low > WIDE_GAP:
+            points |= {switch, switch + 1}
+        else:
+            points.add(_odd(switch))
         if high - low > WIDE_GAP:
             points |= {_odd((low + switch) // 2), _odd((switch + 1 + high) // 2)}
     lowest, highest = ordered[0], ordered[-1]

@@ -272,7 +272,8 @@ class AllreduceSession:
 
         end = max(self.plan.batch_sizes)
         todo = []
-        for rows, routed_to in sizes_to_check(sorted(selection.choices), end):
+        winners = {bs: choice.backend_name for bs, choice in selection.choices.items()}
+        for rows, routed_to in sizes_to_check(winners, end):
             winner = selection.choices[routed_to].backend_name
             case = Target(winner, key.world_size, key.hidden, key.dtype).at(rows)
             if not self._checked(case):

@@ -85,19 +85,25 @@ def test_a_failure_outside_the_declared_limits_disqualifies_nothing() -> None:
     "keys, end",
     [([1, 2, 32, 40, 48, 504], 504), ([1, 64, 1008, 2016, 2048], 8192), ([8, 9, 10], 9), ([5], 40)],
 )
-def test_sizes_to_check_are_routed_as_the_consumer_looks_them_up(keys, end) -> None:
+@pytest.mark.parametrize("alternate", [False, True])
+def test_sizes_to_check_are_routed_as_the_consumer_looks_them_up(keys, end, alternate) -> None:
+    winners = {k: ("gloo", "cpu_shm")[i % 2] if alternate else "gloo" for i, k in enumerate(keys)}
     entry = ConfigEntry("gloo", False, "gloo")
     config = AllreduceConfig(dict.fromkeys(keys, entry))
-    points = sizes_to_check(keys, end)
+    points = sizes_to_check(winners, end)
     sizes = [rows for rows, _ in points]
     assert sizes == sorted(set(sizes)) and set(keys) <= set(sizes)
     for rows, key in points:
         assert config.lookup_key(rows) == key
     for low, high in itertools.pairwise(keys):
-        if high - low > 1:  # both sides of every switch between two keys
-            switch = (low + high) // 2
-            assert {switch, switch + 1} <= set(sizes)
-            assert config.lookup_key(switch) == low and config.lookup_key(switch + 1) == high
+        if high - low < 2:
+            continue
+        switch = (low + high) // 2
+        assert config.lookup_key(switch) == low and config.lookup_key(switch + 1) == high
+        if winners[low] != winners[high] or high - low > WIDE_GAP:
+            assert {switch, switch + 1} <= set(sizes)  # each winner at its edge
+        else:
+            assert {switch, switch + 1} & set(sizes) == {switch | 1}  # one odd size
         if high - low > WIDE_GAP:  # and odd sizes inside wide gaps
             assert any(low < s < high and s % 2 and s not in (switch, switch + 1) for s in sizes)
     if end > keys[-1]:
