@@ -391,8 +391,9 @@ class FusedInputs:
     weight: torch.Tensor
 
 
-# Row RMS spans these binades: from about 5e-4 to 0.2, so rms^2 runs from well below the
-# common RMSNorm epsilons (1e-6, 1e-5) to far above them, as in real residual streams.
+# Rows are scaled by powers of two across these binades: at two ranks row RMS runs from
+# 5e-4 to 0.25, so rms^2 runs from below the common RMSNorm epsilons (1e-6, 1e-5) to far
+# above them, as in real residual streams.
 FUSED_ROW_BINADES = (-14, -5)
 
 
@@ -434,8 +435,10 @@ def fused_inputs(
 
 # Rows of each pool. Random inputs cost more to draw than the checks cost to run, and the
 # checks run at every size, so each rank draws a pool once and every size takes its rows
-# from it, starting at an offset that depends on the size and wrapping around.
-POOL_ROWS = 512
+# from it, starting at an offset that depends on the size and wrapping around. A prime:
+# inputs longer than the pool repeat every 509 rows, never at a power-of-two byte offset,
+# so a kernel that reads the wrong chunk of a power-of-two size still reads other values.
+POOL_ROWS = 509
 
 
 def pooled(
