@@ -37,6 +37,9 @@ class ResultStore:
         self.verdicts: dict[Case, dict[str, list[Verdict]]] = defaultdict(lambda: defaultdict(list))
         self.latencies: dict[tuple[Case, Job], Latency] = {}
         self.variants: dict[str, VariantInfo] = {}  # full variant name -> its declaration
+        # Failed verdicts by target, so that eligibility (asked for every case by selection)
+        # does not scan every verdict of the session.
+        self.failures: dict[Target, list[tuple[Case, Verdict]]] = defaultdict(list)
         self.machine: dict[str, Any] = {}
         self.suites_run: set[str] = set()
 
@@ -58,6 +61,8 @@ class ResultStore:
 
     def record_verdict(self, case: Case, verdict: Verdict) -> None:
         self.verdicts[case][verdict.suite].append(verdict)
+        if verdict.outcome == "failed":
+            self.failures[case.target].append((case, verdict))
         if verdict.outcome != "skipped":
             self.suites_run.add(verdict.suite)
 
@@ -109,13 +114,12 @@ class ResultStore:
     def disqualifying_failures(self, target: Target) -> list[tuple[Case, Verdict]]:
         """Every failed check of `target`, in any suite at any size, that its declared
         limits do not explain; in order of size, then suite."""
-        found = []
-        for case in sorted(c for c in self.verdicts if c.target == target):
-            if self.explained_by_limits(case) is not None:
-                continue
-            for suite in sorted(self.verdicts[case]):
-                found += [(case, v) for v in self.verdicts[case][suite] if v.outcome == "failed"]
-        return found
+        found = [
+            (case, verdict)
+            for case, verdict in self.failures.get(target, [])
+            if self.explained_by_limits(case) is None
+        ]
+        return sorted(found, key=lambda failure: (failure[0].batch_size, failure[1].suite))
 
     def disqualification(self, target: Target) -> str | None:
         """Why `target` is out of the config for its (world size, hidden, dtype), or None."""
@@ -131,8 +135,7 @@ class ResultStore:
 
     def disqualified(self) -> dict[Target, str]:
         """Every disqualified target, with why."""
-        targets = {case.target for case in self.verdicts}
-        found = {t: self.disqualification(t) for t in sorted(targets)}
+        found = {t: self.disqualification(t) for t in sorted(self.failures)}
         return {t: why for t, why in found.items() if why is not None}
 
     def ineligibility(self, case: Case) -> str | None:
