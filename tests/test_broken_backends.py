@@ -230,3 +230,23 @@ def test_quantized_outputs_are_checked_against_a_reference_quantization(tmp_path
     assert len(run.failed_tests("quantizing_fused_nvfp4_block32")) == 4
     assert "fp8_e4m3 output: values:" in run.output
     assert "nvfp4 output: block scales:" in run.output
+
+
+def test_the_race_is_caught_every_time_not_three_runs_in_four() -> None:
+    from broken_backends import RacyBackToBack
+
+    from pytest_allreduce.checks import back_to_back
+    from pytest_allreduce.jobs import Work
+    from pytest_allreduce.model import Target
+    from pytest_allreduce.pool import RankPool
+    from pytest_allreduce.registry import Variant
+
+    variant = Variant(RacyBackToBack, RacyBackToBack.variants[0])
+    work = Work(variant, Target(variant.name, 2, 512, "bfloat16"), 128)
+    pool = RankPool(2, "cpu", 120).start()
+    try:
+        # Ten runs of the stress check, every rank of each: the race shows on every one.
+        caught = [bool(r.problems) for _ in range(10) for r in pool.run(back_to_back, work, 3)]
+    finally:
+        pool.close()
+    assert all(caught), caught
