@@ -10,9 +10,12 @@ Variants (one-/two-shot is always passed explicitly; every rank makes the same c
   copy of the normed output into an internal buffer (scale 1.0). The job's output must be
   bf16/fp16, which an FP8 server path does not produce, so this variant is measured and
   reported but never selectable: no server type. It still writes norm_out (= out), so the
-  numerics suite checks it like the others; _all_reduce is plain kAllReduce.
+  numerics suite checks it like the others, and `quantized_output()` hands the FP8 copy to
+  the fused check, which compares it with a reference quantization of norm_out;
+  _all_reduce is plain kAllReduce.
 - one_shot_fp4: the same with NVFP4 output (kARResidualRMSNormOutFP4Quant, 128x4 swizzled
-  scales). Only on compute capability >= 10: the SM90 build's FP4 conversion returns zeros.
+  scales, unswizzled for the check). Only on compute capability >= 10: the SM90 build's FP4
+  conversion returns zeros.
 
 Limits: bf16/fp16 only. FlashInfer could run fp32 with an fp32 (Lamport) workspace, but the
 server type this maps to serves bf16/fp16 only, so fp32 is declared unsupported.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pytest_allreduce.backend import Backend, Limits, VariantSpec
+from pytest_allreduce.backend import Backend, Limits, QuantizedOutput, VariantSpec
 
 from . import _flashinfer as fi
 from . import _gpu
@@ -34,6 +37,9 @@ if TYPE_CHECKING:
 
 FP4_MIN_MAJOR = 10
 FP4_BLOCK = 16  # NVFP4: one scale per 16 elements
+# The scale_factor passed with the FP8/FP4 patterns. At 1.0 it does not matter whether the
+# kernels multiply or divide by it: the quantized values are the output's own.
+QUANT_SCALE = 1.0
 
 
 class FlashinferFusionBackend(Backend):
@@ -118,10 +124,11 @@ class FlashinferFusionBackend(Backend):
         self._scales: torch.Tensor | None = None
         self._scale_factor: torch.Tensor | None = None
         self._layout: int | None = None
+        self._last_rows: int | None = None  # of the last fused call, for quantized_output
         if self.variant == "one_shot_fp8":
             self._fused_pattern = int(patterns.kARResidualRMSNormOutFP8Quant)
             self._quant = torch.empty(numel, dtype=torch.float8_e4m3fn, device=device)
-            self._scale_factor = torch.ones(1, dtype=torch.float32, device=device)
+            self._scale_factor = torch.full((1,), QUANT_SCALE, device=device)
         elif self.variant == "one_shot_fp4":
             self._fused_pattern = int(patterns.kARResidualRMSNormOutFP4Quant)
             self._quant = torch.empty(numel // 2, dtype=torch.uint8, device=device)
@@ -129,7 +136,7 @@ class FlashinferFusionBackend(Backend):
                 self.max_rows, self.hidden // FP4_BLOCK
             )
             self._scales = torch.empty(sf_size, dtype=torch.uint8, device=device)
-            self._scale_factor = torch.ones(1, dtype=torch.float32, device=device)
+            self._scale_factor = torch.full((1,), QUANT_SCALE, device=device)
             self._layout = int(lib.QuantizationSFLayout.SWIZZLED_128x4)
             self._sf_size = lib.compute_fp4_swizzled_layout_sf_size
         else:
@@ -180,6 +187,21 @@ class FlashinferFusionBackend(Backend):
             use_oneshot=self.oneshot,
             **extra,
         )
+        self._last_rows = rows
+
+    def quantized_output(self) -> QuantizedOutput | None:
+        if self._quant is None or self._last_rows is None:
+            return None
+        import torch
+
+        rows, hidden = self._last_rows, self.hidden
+        if self.variant == "one_shot_fp8":
+            values = self._quant[: rows * hidden].view(rows, hidden)
+            return QuantizedOutput("fp8_e4m3", values, QUANT_SCALE)
+        assert self._scales is not None
+        packed = self._quant[: rows * hidden // 2].view(rows, hidden // 2)
+        scales = unswizzle_128x4(self._scales, rows, hidden // FP4_BLOCK)
+        return QuantizedOutput("nvfp4", packed, QUANT_SCALE, scales.view(torch.float8_e4m3fn))
 
     def engaged(self) -> str:
         shot = "one-shot" if self.oneshot else "two-shot"
@@ -193,3 +215,16 @@ class FlashinferFusionBackend(Backend):
         workspace, self.workspace = getattr(self, "workspace", None), None
         if workspace is not None:
             fi.destroy_workspace(self.ctx, workspace)
+
+
+def unswizzle_128x4(swizzled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The (rows, cols) scale factors, row-major, of a buffer in the 128x4 tiled layout that
+    FP4 GEMMs read: the matrix padded to 128-row by 4-column tiles, tiles stored column tile
+    by column tile within a row tile, and inside a tile element (r, c) at
+    (r % 32) * 16 + (r // 32) * 4 + c."""
+    padded_rows, padded_cols = -(-rows // 128) * 128, -(-cols // 4) * 4
+    tiles = swizzled[: padded_rows * padded_cols].view(
+        padded_rows // 128, padded_cols // 4, 32, 4, 4
+    )
+    # (row tile, column tile, row % 32, row % 128 // 32, column % 4) -> rows, then columns
+    return tiles.permute(0, 3, 2, 1, 4).reshape(padded_rows, padded_cols)[:rows, :cols]

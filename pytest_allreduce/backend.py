@@ -16,7 +16,7 @@ import abc
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +120,22 @@ class Limits:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class QuantizedOutput:
+    """A fused call's quantized copy of its normalised output, in a layout a check can read.
+
+    "fp8_e4m3": `values` is (rows, hidden) float8_e4m3fn and the output is value * scale.
+    "nvfp4": `values` is (rows, hidden // 2) uint8 holding two e2m1 codes per byte (the even
+    element in the low nibble), `block_scales` is (rows, hidden // 16) float8_e4m3fn in row
+    order (not a kernel's swizzled tiling), and the output is code * block scale * scale.
+    """
+
+    format: Literal["fp8_e4m3", "nvfp4"]
+    values: torch.Tensor
+    scale: float
+    block_scales: torch.Tensor | None = None
+
+
 class Backend(abc.ABC):
     """One allreduce implementation, set up for (hidden, dtype, max_rows) on every rank.
 
@@ -206,6 +222,11 @@ class Backend(abc.ABC):
     def engaged(self) -> str:
         """The code path this instance really runs (shown in the evidence)."""
         return self.spec.summary or self.full_name
+
+    def quantized_output(self) -> QuantizedOutput | None:
+        """The quantized copy of the normalised output its last fused call wrote, for variants
+        that write one besides `out` (FP8 or FP4 for the next layer's GEMM); else None."""
+        return None
 
     def release(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Free what `setup()` took. Called by `close()` once no peer touches it any more."""

@@ -1,33 +1,51 @@
-"""Rank functions that check a backend's numbers: exact sums, random inputs against a float64
-reference, the fused job, size limits, and CUDA-graph capture and replay.
+"""Rank functions that check a backend's numbers: exact sums, correctly rounded sums of mixed
+inputs, the edges of every dtype, the fused job on small rows, size limits, CUDA-graph capture
+and replay, and thousands of back-to-back calls.
 
 Each returns a CheckReport per rank, which the engine turns into one outcome in the pytest
 process; `checktable.CHECKS` says which suite runs which, and where. Outputs are poisoned with
 NaN before every call, so an element a backend leaves unwritten fails.
+
+The bounds are what a correct backend can actually be off by, derived per check, not a
+generous multiple of eps: a result truncated instead of rounded, a sum carried through a
+narrower format or a norm with the wrong epsilon must land outside them.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .backend import UnsupportedInput
+from .backend import Backend, QuantizedOutput, UnsupportedInput
 from .context import RankContext
 from .jobs import (
     RMS_EPS,
+    Format,
     JobBuffers,
     Work,
     backend_for,
     digest,
+    edge_pairs,
     exact_inputs,
+    fused_inputs,
     integer_base,
-    normal_input,
+    mixed_input,
+    pair_holders,
+    pooled,
     run_job,
+    wide_dtype,
 )
 from .model import JOBS, Job
 
 EXACT_SEEDS = (11, 12)  # two rounds, rewriting the input in between
+# The RMSNorm epsilons of the common model families (1e-6: Qwen, DeepSeek; 1e-5: Llama):
+# the fused job runs with each, and its inputs make both matter (see `jobs.fused_inputs`).
+FUSED_EPS: tuple[float, ...] = (1e-6, 1e-5)
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+FLOAT32_SMALLEST_NORMAL = 2.0**-126
 
 
 @dataclass
@@ -69,22 +87,29 @@ def exact_sum(ctx: RankContext, work: Work, rows: int) -> CheckReport:
     hidden, dtype, dev = work.target.hidden, work.dtype, ctx.device
     report = CheckReport(ctx.rank, engaged=backend.engaged())
     buf = JobBuffers.allocate(rows, hidden, dtype, dev)
-    for seed in EXACT_SEEDS:
-        mine, total = exact_inputs(seed, ctx.rank, ctx.world_size, rows, hidden, dtype, dev)
+
+    def build(pool_rows: int) -> tuple[torch.Tensor, ...]:
+        made = []
+        for seed in EXACT_SEEDS:
+            base = integer_base(seed, pool_rows, hidden, dev)
+            mine, total = exact_inputs(base, ctx.rank, ctx.world_size, dtype)
+            made += [mine, total.to(dtype)]
+        return tuple(made)
+
+    pool = pooled(ctx, ("exact_sum", ctx.world_size, hidden, dtype), build, rows)
+    for seed, mine, expected in zip(EXACT_SEEDS, pool[::2], pool[1::2], strict=True):
         buf.inp.copy_(mine)
         buf.poison()
         run_job(backend, "allreduce", buf)
         _sync(ctx)
-        expected = total.to(dtype)
-        if (nan := _unwritten(buf.out)) > 0:
-            report.problems.append(f"seed {seed}: {nan} output elements left unwritten (NaN)")
-        wrong = int((buf.out != expected).sum().item())
-        if wrong:
-            idx = tuple((buf.out != expected).nonzero()[0].tolist())
+        differ = buf.out != expected
+        if wrong := int(differ.sum().item()):
+            idx = tuple(differ.nonzero()[0].tolist())
             got, want = buf.out[idx].item(), expected[idx].item()
             report.problems.append(
-                f"seed {seed}: {wrong} of {buf.out.numel()} elements differ from the exact sum; "
-                f"first at {list(idx)}: got {got}, want {want}"
+                f"seed {seed}: {wrong} of {buf.out.numel()} elements differ from the exact sum "
+                f"({_unwritten(buf.out)} left unwritten, NaN); first at {list(idx)}: got "
+                f"{got}, want {want}"
             )
         if not torch.equal(buf.inp, mine):
             report.problems.append(f"seed {seed}: the input was modified (must be out of place)")
@@ -92,38 +117,167 @@ def exact_sum(ctx: RankContext, work: Work, rows: int) -> CheckReport:
     return _finish(ctx, report)
 
 
-# ---- random normal -------------------------------------------------------------------------
+# ---- rounding ------------------------------------------------------------------------------
 
 
-def sum_error_bound(inputs_abs_sum: torch.Tensor, n_terms: int, dtype: torch.dtype) -> torch.Tensor:
-    """Worst-case error of summing n_terms values in `dtype` in any order, rounding once per
-    addition and once more on output: n_terms * eps * sum(|terms|).
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half an ulp of 1: the largest relative error of one rounding to nearest."""
+    return torch.finfo(dtype).eps / 2
 
-    Each of the n-1 additions (and the final rounding) errs by at most eps/2 of a partial sum
-    bounded by sum(|terms|); eps instead of eps/2 leaves room for kernels that accumulate in
-    the input dtype with an extra conversion.
+
+def sum_error_bound(abs_sum: torch.Tensor, n_terms: int, dtype: torch.dtype) -> torch.Tensor:
+    """The largest error of a correct backend's sum of `n_terms` values of `dtype`, in any
+    order it may choose.
+
+    A backend adds the n terms with n - 1 additions arranged in some tree (sequential,
+    pairwise, a ring, reduce-scatter then all-gather: each is a tree). It may round every
+    partial sum to float32 (accumulating in float32), to the dtype (accumulating in the
+    dtype, as NCCL and gloo do hop by hop for 16-bit types) or both, and rounds the last one
+    to the dtype. One rounding of a partial sum p errs by at most u * |p|, u being half an
+    ulp, and |p| <= sum(|terms|) grown by the earlier errors, so over n - 1 nodes
+
+        |result - exact| <= ((1 + u_dtype)^(n-1) * (1 + u_float32)^(n-1) - 1) * sum(|terms|)
+
+    plus an absolute part: rounding in the subnormal range errs by half the dtype's smallest
+    subnormal, and kernels built with flush-to-zero drop float32 subnormals (operands and
+    results, under float32's smallest normal each). At n = 2 this is about u * sum|x|, where
+    a correct result is in fact unique: `rounded_sum` demands it bit for bit there.
     """
-    eps = torch.finfo(dtype).eps
-    return n_terms * eps * inputs_abs_sum + torch.finfo(dtype).tiny
+    steps = n_terms - 1
+    # For float32 itself the two roundings are one.
+    accumulator = FLOAT32_UNIT_ROUNDOFF if dtype.itemsize < 4 else 0.0
+    factor = ((1 + unit_roundoff(dtype)) * (1 + accumulator)) ** steps - 1
+    slack = n_terms * (Format.of(dtype).smallest_subnormal + 2 * FLOAT32_SMALLEST_NORMAL)
+    return factor * abs_sum + slack
 
 
-def random_sum(ctx: RankContext, work: Work, rows: int) -> CheckReport:
-    """Normal inputs against a float64 reference, within sum_error_bound."""
+def correctly_rounded_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b rounded once to their dtype (see `jobs.wide_dtype` for why this is exact)."""
+    wide = wide_dtype(a.dtype)
+    return (a.to(wide) + b.to(wide)).to(a.dtype)
+
+
+def flushed(x: torch.Tensor) -> torch.Tensor:
+    """x with float32 subnormals replaced by zeros of their sign, as flush-to-zero does."""
+    return torch.where(x.abs() < FLOAT32_SMALLEST_NORMAL, x * 0, x)
+
+
+def flush_to_zero_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What a flush-to-zero kernel computes for a + b: operands and result flushed."""
+    wide = wide_dtype(a.dtype)
+    return flushed((flushed(a.to(wide)) + flushed(b.to(wide))).to(a.dtype))
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Equal values, NaN matching NaN (+0 and -0 are equal values)."""
+    return (got == want) | (got.isnan() & want.isnan())
+
+
+def _compare_exact(
+    report: CheckReport,
+    what: str,
+    got: torch.Tensor,
+    want: torch.Tensor,
+    operands: tuple[torch.Tensor, ...],
+    allowed: Callable[[tuple[torch.Tensor, ...]], torch.Tensor | None] = lambda where: None,
+) -> None:
+    """`got` must equal `want` (NaN where it is NaN, zeros of either sign), or else
+    `allowed(where)`, an alternative result computed only at the positions `where` that
+    differ, which keeps the check one comparison over the tensor when all is well."""
+    differ = (got != want).nonzero(as_tuple=True)
+    if differ[0].numel() == 0:
+        return
+    got_d, want_d = got[differ], want[differ]
+    ok = _same(got_d, want_d)
+    alternative = allowed(differ)
+    if alternative is not None:
+        ok |= _same(got_d, alternative)
+    wrong = (~ok).nonzero().flatten()
+    if wrong.numel():
+        first = int(wrong[0])
+        idx = [int(d[first]) for d in differ]
+        summands = " + ".join(f"{x[tuple(idx)].item()!r}" for x in operands)
+        report.problems.append(
+            f"{what}: {wrong.numel()} of {got.numel()} elements differ from the correctly "
+            f"rounded sum; first at {idx}: {summands} gave {got_d[first].item()!r}, "
+            f"want {want_d[first].item()!r}"
+        )
+
+
+def rounded_sum(ctx: RankContext, work: Work, rows: int) -> CheckReport:
+    """Inputs of mixed sign and magnitude on every rank (`jobs.mixed_input`).
+
+    Two ranks: the result must be the correctly rounded sum, bit for bit. The only rounding
+    a correct backend does is that of a + b, in the dtype or in float32 and then to the dtype
+    (the same, see `jobs.wide_dtype`), so any other result (truncated, flushed, rounded
+    twice through a narrower format) is wrong. More ranks: the order of the additions is the
+    backend's choice and changes the rounding, so the result must lie within
+    `sum_error_bound` of the exact sum.
+    """
     backend = backend_for(ctx, work)
-    hidden, dtype, dev = work.target.hidden, work.dtype, ctx.device
+    hidden, dtype, dev, ws = work.target.hidden, work.dtype, ctx.device, ctx.world_size
     report = CheckReport(ctx.rank, engaged=backend.engaged())
-    seed = 21
+
+    def build(pool_rows: int) -> tuple[torch.Tensor, ...]:
+        inputs = [mixed_input(21, r, pool_rows, hidden, dtype, dev) for r in range(ws)]
+        return (*inputs, correctly_rounded_sum(*inputs)) if ws == 2 else tuple(inputs)
+
+    *inputs, expected = pooled(ctx, ("rounded_sum", ws, hidden, dtype), build, rows)
+    if ws > 2:
+        inputs.append(expected)
     buf = JobBuffers.allocate(rows, hidden, dtype, dev)
-    buf.inp.copy_(normal_input(seed, ctx.rank, rows, hidden, dtype, dev))
+    buf.inp.copy_(inputs[ctx.rank])
     buf.poison()
     run_job(backend, "allreduce", buf)
     _sync(ctx)
-    inputs = [
-        normal_input(seed, r, rows, hidden, dtype, dev).double() for r in range(ctx.world_size)
-    ]
-    reference = sum(inputs)
-    bound = sum_error_bound(sum(x.abs() for x in inputs), ctx.world_size, dtype)
-    _compare(report, "allreduce output", buf.out, reference, bound)
+    if ws == 2:
+        _compare_exact(report, "two-rank sum", buf.out, expected, tuple(inputs))
+    else:
+        wide = [x.double() for x in inputs]
+        bound = sum_error_bound(sum(x.abs() for x in wide), ws, dtype)
+        _compare(report, f"{ws}-rank sum", buf.out, sum(wide), bound)
+    report.digests.append(digest(buf.out))
+    return _finish(ctx, report)
+
+
+def edge_values(ctx: RankContext, work: Work, rows: int) -> CheckReport:
+    """Pairs at the edges of the dtype (`jobs.edge_pairs`): in each row two ranks hold a and
+    b and every other rank holds +0, so whatever order a backend adds in, it rounds once,
+    and the result must be the correctly rounded a + b bit for bit at any world size:
+    infinity exactly where the reference overflows, NaN where it gives NaN, subnormal sums
+    exact, and everything within float32's normal range exact.
+
+    Two allowances, for behaviour real kernels show and no model can tell apart: a zero
+    result may have either sign (Lamport-style kernels use -0 as their "not written yet"
+    mark and store +0 in its place; accumulators start from +0), and where an operand or
+    the result lies below float32's normal range the flush-to-zero result is accepted too
+    (CUDA kernels built with fast math flush). A narrower accumulator (float16 for
+    bfloat16 overflows at 65504 and loses everything below 6e-8) or a truncation still fails.
+    """
+    backend = backend_for(ctx, work)
+    hidden, dtype, dev, ws = work.target.hidden, work.dtype, ctx.device, ctx.world_size
+    report = CheckReport(ctx.rank, engaged=backend.engaged())
+
+    def build(pool_rows: int) -> tuple[torch.Tensor, ...]:
+        a, b = edge_pairs(25, pool_rows, hidden, dtype, dev)
+        return a, b, correctly_rounded_sum(a, b)
+
+    a, b, want = pooled(ctx, ("edge_values", hidden, dtype), build, rows)
+    first, second = pair_holders(rows, ws, dev)
+    buf = JobBuffers.allocate(rows, hidden, dtype, dev)
+    buf.inp.zero_()
+    for holders, values in ((first, a), (second, b)):
+        mine = holders == ctx.rank
+        buf.inp[mine] = values[mine]
+    buf.poison()
+    run_job(backend, "allreduce", buf)
+    _sync(ctx)
+
+    def flush_to_zero(where: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        # float16's subnormals are float32 normals: flush-to-zero cannot touch them.
+        return flush_to_zero_sum(a[where], b[where]) if dtype != torch.float16 else None
+
+    _compare_exact(report, "edge-value sums", buf.out, want, (a, b), flush_to_zero)
     report.digests.append(digest(buf.out))
     return _finish(ctx, report)
 
@@ -131,70 +285,207 @@ def random_sum(ctx: RankContext, work: Work, rows: int) -> CheckReport:
 def _compare(
     report: CheckReport, what: str, got: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor
 ) -> None:
-    if (nan := _unwritten(got)) > 0:
-        report.problems.append(f"{what}: {nan} elements left unwritten or NaN")
-        return
-    error = (got.double() - reference).abs()
-    ratio = error / bound
-    worst = float(ratio.max().item())
-    if worst > 1.0:
+    error = (got.to(reference.dtype) - reference).abs()
+    outside = ~(error <= bound)  # NaN, an unwritten element, is outside
+    over = int(outside.sum().item())
+    if over:
+        ratio = torch.where(outside, (error / bound).nan_to_num(nan=math.inf), 0)
         idx = tuple((ratio == ratio.max()).nonzero()[0].tolist())
-        over = int((ratio > 1).sum().item())
         report.problems.append(
-            f"{what}: {over} elements outside the error bound; worst at {list(idx)}: got "
-            f"{got[idx].item():.6g}, reference {reference[idx].item():.6g}, "
-            f"bound {bound[idx].item():.3g}"
+            f"{what}: {over} elements outside the error bound ({_unwritten(got)} NaN); worst "
+            f"at {list(idx)}: got {got[idx].item():.6g}, reference "
+            f"{reference[idx].item():.6g}, bound {bound[idx].item():.3g}"
         )
 
 
 # ---- fused job -----------------------------------------------------------------------------
 
 
-def fused_reference(
-    inputs: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(norm reference, residual reference, norm bound, residual bound), all float64.
+def norm_relative_bound(dtype: torch.dtype, hidden: int) -> float:
+    """How far, relative to its value, a correct normalised output may be from the reference
+    computed from the same residual sum.
 
-    The residual sum errs as any sum of world_size + 1 terms. The normalised output inherits
-    that error divided by the row's RMS (scaled by |weight|), plus the RMS's own relative
-    error and the output rounding, a few eps of the result.
+    A kernel normalises either the float32 sum or the residual-out rounded to the dtype (u_d
+    relative each; the RMS inherits the same), accumulates the mean square of `hidden` terms
+    in float32 in some order (at most hidden * u_32 relative, halved by the square root),
+    takes an approximate reciprocal square root and multiplies by it and by the weight (a few
+    u_32), and rounds the output, possibly once before the weight and once after (u_d each):
+    4 u_d + (hidden / 2 + 4) u_32. The reference itself is computed in float32 for 16-bit
+    dtypes and may err as much again in its float32 part, hence (hidden + 8) u_32.
     """
-    eps = torch.finfo(dtype).eps
-    total = sum(inputs) + residual
-    abs_sum = sum(x.abs() for x in inputs) + residual.abs()
-    residual_bound = sum_error_bound(abs_sum, len(inputs) + 1, dtype)
-    rms = torch.sqrt(total.pow(2).mean(-1, keepdim=True) + RMS_EPS)
-    norm = total / rms * weight
-    norm_bound = (
-        weight.abs() * residual_bound / rms + 4 * eps * norm.abs() + torch.finfo(dtype).tiny
-    )
-    return norm, total, norm_bound, residual_bound
+    return 4 * unit_roundoff(dtype) + (hidden + 8) * FLOAT32_UNIT_ROUNDOFF
 
 
 def fused_job(ctx: RankContext, work: Work, rows: int) -> CheckReport:
-    """allreduce + residual add + RMSNorm: output and residual-out against the reference."""
+    """allreduce + residual add + RMSNorm on rows of small RMS, once per epsilon of
+    FUSED_EPS (`jobs.fused_inputs`: at two ranks row RMS runs from 5e-4 to 0.25, so rms^2
+    runs from below both epsilons to far above them; epsilon changes outputs by up to tens of
+    percent, and one wrong by 10^4 either way moves them far outside the bound).
+
+    The allreduce part of those inputs is exact in the dtype, so for 16-bit dtypes the
+    residual-out must be the correctly rounded sum + residual, bit for bit (one rounding in
+    float32 or the dtype, as in `rounded_sum`); for float32 it is held to `sum_error_bound`.
+    The normalised output is held to `norm_relative_bound`. Where the backend also writes a
+    quantized copy of the output, that copy must be the reference quantization of the
+    verified output (`check_quantized`).
+    """
     backend = backend_for(ctx, work)
-    hidden, dtype, dev = work.target.hidden, work.dtype, ctx.device
+    hidden, dtype, dev, ws = work.target.hidden, work.dtype, ctx.device, ctx.world_size
     report = CheckReport(ctx.rank, engaged=backend.engaged())
-    seed = 31
+    exact_residual = dtype.itemsize <= 2
+
+    def build(pool_rows: int) -> tuple[torch.Tensor, ...]:
+        # The references of every epsilon are pooled with the inputs: per size, the check
+        # is then the calls and one comparison per output.
+        made = fused_inputs(31, ctx.rank, ws, pool_rows, hidden, dtype, dev)
+        wide = wide_dtype(dtype)
+        total = made.exact_sum + made.residual.to(wide)
+        w = made.weight.to(wide)
+        if exact_residual:
+            residual_bound = torch.zeros_like(total)
+            residual_want = total.to(dtype)
+        else:
+            terms = made.abs_sum + made.residual.to(wide).abs()
+            residual_bound, residual_want = sum_error_bound(terms, ws + 1, dtype), total
+        mean_square = total.pow(2).mean(-1, keepdim=True)
+        references = []
+        for eps in FUSED_EPS:
+            rms = torch.sqrt(mean_square + eps)
+            norm = total / rms * w
+            bound = (
+                norm.abs() * norm_relative_bound(dtype, hidden)
+                + w.abs() * residual_bound / rms
+                + Format.of(dtype).smallest_subnormal
+                + FLOAT32_SMALLEST_NORMAL
+            )
+            references += [norm, bound]
+        inputs = (made.mine, made.residual, made.weight, made.exact_sum)
+        return (*inputs, residual_want, residual_bound, *references)
+
+    pool = pooled(ctx, ("fused_job", ws, hidden, dtype), build, rows)
+    mine, residual, weight, exact_sum, residual_want, residual_bound = pool[:6]
     buf = JobBuffers.allocate(rows, hidden, dtype, dev)
-    buf.inp.copy_(normal_input(seed, ctx.rank, rows, hidden, dtype, dev))
-    # Residual and weight are the same on every rank, as in a model.
-    buf.residual.copy_(normal_input(seed, 1000, rows, hidden, dtype, dev))
-    buf.weight.copy_(1 + 0.25 * normal_input(seed, 1001, 1, hidden, dtype, dev)[0])
-    buf.poison()
-    run_job(backend, "fused", buf)
-    _sync(ctx)
-    inputs = [
-        normal_input(seed, r, rows, hidden, dtype, dev).double() for r in range(ctx.world_size)
-    ]
-    norm, total, norm_bound, res_bound = fused_reference(
-        inputs, buf.residual.double(), buf.weight.double(), dtype
-    )
-    _compare(report, "residual-out", buf.residual_out, total, res_bound)
-    _compare(report, "normalised output", buf.out, norm, norm_bound)
-    report.digests += [digest(buf.out), digest(buf.residual_out)]
+    for i, eps in enumerate(FUSED_EPS):
+        norm, bound = pool[6 + 2 * i : 8 + 2 * i]
+        buf.inp.copy_(mine)
+        buf.residual.copy_(residual)
+        buf.weight.copy_(weight)
+        buf.poison()
+        run_job(backend, "fused", buf, eps)
+        _sync(ctx)
+        label = f"eps {eps:g}"
+        if exact_residual:
+            operands = (exact_sum, residual)
+            _compare_exact(
+                report, f"{label}: residual-out", buf.residual_out, residual_want, operands
+            )
+        else:
+            _compare(
+                report, f"{label}: residual-out", buf.residual_out, residual_want, residual_bound
+            )
+        _compare(report, f"{label}: normalised output", buf.out, norm, bound)
+        quantized = backend.quantized_output()
+        if quantized is not None:
+            check_quantized(report, f"{label}: {quantized.format} output", buf.out, quantized)
+        report.digests += [digest(buf.out), digest(buf.residual_out)]
     return _finish(ctx, report)
+
+
+# ---- quantized outputs ---------------------------------------------------------------------
+
+E4M3_LARGEST = 448.0
+E2M1_VALUES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+NVFP4_BLOCK = 16
+
+
+def round_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to nearest e4m3 (ties to even), saturating at +-448 as the kernels'
+    satfinite conversions do (torch's own cast gives NaN beyond 448), as float32."""
+    return x.float().clamp(-E4M3_LARGEST, E4M3_LARGEST).to(torch.float8_e4m3fn).float()
+
+
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to nearest e2m1 (ties to the even code), saturating at +-6, as float32."""
+    grid = torch.tensor(E2M1_VALUES, device=x.device)
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    magnitude = x.float().abs()
+    below = torch.bucketize(magnitude, midpoints, right=False)
+    above = torch.bucketize(magnitude, midpoints, right=True)
+    # On a midpoint the two differ by one code: the even code is the one with mantissa 0.
+    code = torch.where((below != above) & (below % 2 == 1), above, below)
+    return torch.copysign(grid[code], x.float())
+
+
+def decode_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """(rows, hidden // 2) uint8, two codes a byte with the even element low -> float32."""
+    grid = torch.tensor(E2M1_VALUES, device=packed.device)
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).long()
+    magnitude = grid[codes & 7]
+    return torch.where(codes >= 8, -magnitude, magnitude)
+
+
+def check_quantized(
+    report: CheckReport, what: str, out: torch.Tensor, quantized: QuantizedOutput
+) -> None:
+    """The backend's quantized copy against a reference quantization of `out`, its verified
+    normalised output, within the format's own rounding.
+
+    The kernel quantizes its float32 normalised value, of which `out` is the rounding to the
+    dtype, so that value lies within u_d of `out` (plus a few float32 operations of scaling):
+    every code must be what rounding gives for some value in that window. FP8: e4m3 of
+    out / scale. NVFP4: each 16-element block's scale must be the e4m3 rounding of
+    amax / 6 / scale (amax over the block), and each code the e2m1 rounding of the element
+    divided by the block scale the kernel chose and the tensor scale.
+    """
+    v = out.float()
+    relative = unit_roundoff(out.dtype) + 8 * FLOAT32_UNIT_ROUNDOFF
+    problems: list[str] = []
+    if quantized.format == "fp8_e4m3":
+        target = v / quantized.scale
+        _against(problems, "values", quantized.values.float(), target, relative, round_e4m3)
+    elif quantized.format == "nvfp4":
+        rows, hidden = v.shape
+        blocks = v.view(rows, hidden // NVFP4_BLOCK, NVFP4_BLOCK)
+        assert quantized.block_scales is not None
+        scales = quantized.block_scales.float().view(rows, hidden // NVFP4_BLOCK)
+        ideal = blocks.abs().amax(-1) / 6 / quantized.scale
+        _against(problems, "block scales", scales, ideal, relative, round_e4m3)
+        codes = decode_e2m1(quantized.values).view(rows, hidden // NVFP4_BLOCK, NVFP4_BLOCK)
+        divisor = (scales * quantized.scale).unsqueeze(-1)
+        # A zero block scale means a zero block: every code must then be zero.
+        target = torch.where(divisor > 0, blocks / divisor.clamp_min(1e-30), 0.0)
+        # the kernel's division by the block scale adds a few float32 roundings
+        window = relative + 4 * FLOAT32_UNIT_ROUNDOFF
+        _against(problems, "codes", codes, target, window, round_e2m1)
+    else:
+        problems.append(f"unknown quantized format {quantized.format!r}")
+    report.problems += [f"{what}: {p}" for p in problems]
+
+
+def _against(
+    problems: list[str],
+    what: str,
+    got: torch.Tensor,
+    target: torch.Tensor,
+    relative: float,
+    rounding: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """`got` must be what `rounding` gives for some value within `relative` of `target`.
+    Rounding is monotone, so that is anything between its results at the window's ends."""
+    ends = (target * (1 - relative), target * (1 + relative))
+    low, high = rounding(torch.minimum(*ends)), rounding(torch.maximum(*ends))
+    bad = ~((got >= low) & (got <= high))  # NaN is outside
+    count = int(bad.sum().item())
+    if count:
+        idx = tuple(bad.nonzero()[0].tolist())
+        allowed = f"{low[idx].item()!r}" + (
+            f" to {high[idx].item()!r}" if high[idx] != low[idx] else ""
+        )
+        problems.append(
+            f"{what}: {count} of {bad.numel()} are not the reference quantization; first at "
+            f"{list(idx)}: got {got[idx].item()!r}, want {allowed} (the rounding of "
+            f"{target[idx].item():.6g})"
+        )
 
 
 # ---- size limits ---------------------------------------------------------------------------
@@ -261,7 +552,9 @@ def graph_replays(ctx: RankContext, work: Work, rows: int, replays: int) -> Chec
     for rows in sizes:
         for job in JOBS:
             buf = JobBuffers.allocate(rows, hidden, dtype, dev)
-            base, total = exact_inputs(41 + rows, ctx.rank, ws, rows, hidden, dtype, dev)
+            base, total = exact_inputs(
+                integer_base(41 + rows, rows, hidden, dev), ctx.rank, ws, dtype
+            )
             buf.inp.copy_(base)
             buf.residual.copy_(integer_base(43, rows, hidden, dev))
             buf.weight.fill_(1)
@@ -344,3 +637,117 @@ def graph_replays(ctx: RankContext, work: Work, rows: int, replays: int) -> Chec
     torch.cuda.synchronize()
     report.digests.append(str(counts))
     return _finish(ctx, report)
+
+
+# ---- stress --------------------------------------------------------------------------------
+
+# Back-to-back calls of each job at each stress size. On CUDA thousands, eagerly and as graph
+# replays: races between consecutive calls (a buffer reused before every peer read it, a
+# flag reset late) need calls that follow each other closely and often, and a GPU call costs
+# microseconds. On the CPU a call costs a millisecond or more of cores that every rank (and
+# the reference work) shares, so 100 calls per job keep the suite to seconds; a race that
+# corrupts a fraction p of calls still escapes all of them with probability (1 - p)^100
+# (1e-30 at p = 1/2, 13% at p = 2%), and backends are called hundreds of times more by the
+# other checks, where a late failure is caught as well.
+STRESS_CALLS: dict[str, int] = {"cuda": 2000, "cpu": 100}
+STRESS_SHIFTS = 15  # call i adds k = i % 15 - 7 to the input: no two neighbours alike
+
+
+class _StressJob:
+    """One job at one size, set up so that a call, its input change and its check are a
+    few device operations with no host sync: the mismatch counts stay on the device."""
+
+    def __init__(self, ctx: RankContext, work: Work, rows: int, job: Job) -> None:
+        hidden, dtype, dev, ws = work.target.hidden, work.dtype, ctx.device, ctx.world_size
+        self.job = job
+        self.buf = JobBuffers.allocate(rows, hidden, dtype, dev)
+        base = integer_base(61 + rows, rows, hidden, dev)
+        self.base, total = exact_inputs(base, ctx.rank, ws, dtype)
+        residual = integer_base(63, rows, hidden, dev)
+        self.buf.residual.copy_(residual)
+        self.buf.weight.fill_(1)
+        shifts = torch.arange(STRESS_SHIFTS, device=dev) - STRESS_SHIFTS // 2
+        self.shifts = shifts.to(dtype)
+        self.index = torch.zeros(1, dtype=torch.int64, device=dev)
+        # Inputs are integers whose sums stay within 256: exact in every dtype and order.
+        self.expected_base = (total + residual if job == "fused" else total).to(dtype)
+        self.sum_shifts = (ws * shifts).to(dtype)
+        if job == "fused":
+            # The normalised output of every shift, computed once: per call the check is a
+            # lookup and a comparison.
+            sums = (total + residual).unsqueeze(0) + (ws * shifts).view(-1, 1, 1)
+            rms = torch.sqrt(sums.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+            self.norms = (sums / rms).to(dtype)
+            self.tolerance = norm_relative_bound(dtype, hidden) + unit_roundoff(dtype)
+        self.bad_elements = torch.zeros((), dtype=torch.int64, device=dev)
+        self.bad_calls = torch.zeros((), dtype=torch.int64, device=dev)
+
+    def call_and_check(self, backend: Backend) -> None:
+        """Move to the next shift, call, and count what differs from the expected output."""
+        self.index.add_(1).remainder_(STRESS_SHIFTS)
+        shift = self.shifts.index_select(0, self.index)
+        self.buf.inp.copy_(self.base)
+        self.buf.inp.add_(shift)
+        self.buf.poison()
+        run_job(backend, self.job, self.buf)
+        expected = self.expected_base + self.sum_shifts.index_select(0, self.index)
+        got = self.buf.residual_out if self.job == "fused" else self.buf.out
+        wrong = (got != expected).sum()
+        if self.job == "fused":
+            norm = self.norms.index_select(0, self.index)[0].float()
+            error = (self.buf.out.float() - norm).abs()
+            wrong += (~(error <= norm.abs() * self.tolerance)).sum()  # NaN counts as wrong
+        self.bad_elements.add_(wrong)
+        self.bad_calls.add_((wrong > 0).long())
+
+    def problems(self, mode: str, calls: int) -> list[str]:
+        bad_calls = int(self.bad_calls.item())
+        if not bad_calls:
+            return []
+        return [
+            f"{self.job}, {mode}: {bad_calls} of {calls} back-to-back calls gave wrong or "
+            f"unwritten elements ({int(self.bad_elements.item())} elements)"
+        ]
+
+
+def back_to_back(ctx: RankContext, work: Work, rows: int) -> CheckReport:
+    """STRESS_CALLS calls of each job in a row, the input changed before every call and
+    every output checked on the device, eagerly and (on CUDA, for capturable backends) as
+    as many replays of a captured graph of the same step."""
+    backend = backend_for(ctx, work)
+    report = CheckReport(ctx.rank, engaged=backend.engaged())
+    calls = STRESS_CALLS["cuda" if ctx.is_cuda else "cpu"]
+    graphs = ctx.is_cuda and backend.limits_.graph_capturable
+    for job in JOBS:
+        stress = _StressJob(ctx, work, rows, job)
+        for _ in range(calls):
+            stress.call_and_check(backend)
+        _sync(ctx)
+        report.problems += stress.problems("eager", calls)
+        if graphs:
+            stress = _StressJob(ctx, work, rows, job)
+            checked = _replay_stress(ctx, backend, stress, calls)
+            report.problems += stress.problems("warm-up call and graph replays", checked)
+    report.details["calls_per_job"] = calls
+    return _finish(ctx, report)
+
+
+def _replay_stress(ctx: RankContext, backend: Backend, stress: _StressJob, replays: int) -> int:
+    """Capture one step (input change, call, check) and replay it `replays` times, after
+    one eager warm-up call of the same step; returns how many calls were checked."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: libraries allocate on first use
+        stress.call_and_check(backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    ctx.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with backend.capture(), torch.cuda.graph(graph, stream=stream):
+        stress.call_and_check(backend)
+    backend.after_capture()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    del graph
+    return replays + 1

@@ -19,9 +19,12 @@ AWKWARD_ROWS: tuple[int, ...] = (1, 3, 127)
 # Replays of each captured graph at each size: Lamport-style spin-wait hangs and stale
 # registered buffers have shown up in servers only over many replays, not the first few.
 GRAPH_REPLAYS_PER_SIZE = 100
+# The stress suite's sizes: a decode-sized call (odd, so vector tails are exercised) and a
+# medium one, the two regimes where one-shot kernels and their flags are hammered hardest.
+STRESS_ROWS: tuple[int, ...] = (3, 128)
 
 # The order suites run in within a world size: correctness before timing.
-SUITE_ORDER: tuple[str, ...] = ("numerics", "limits", "graph", "latency", "accuracy")
+SUITE_ORDER: tuple[str, ...] = ("numerics", "limits", "graph", "stress", "latency", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -30,15 +33,16 @@ class Check:
 
     sizes:
       "each"   -- at every batch size of the plan (plus `extra_rows`) and at every size
-                  session-end bisection adds;
-      "limits" -- once per target, at the declared largest input (the check steps around it).
+                  session-end work adds (bisection, and the sizes a config routes to);
+      "limits" -- once per target, at the declared largest input (the check steps around it);
+      "listed" -- at the sizes of `extra_rows` only.
     The rank function is called as fn(ctx, work, rows, *args) and returns a CheckReport.
     """
 
     suite: str
     name: str
     function: str  # a function of pytest_allreduce.checks
-    sizes: Literal["each", "limits"] = "each"
+    sizes: Literal["each", "limits", "listed"] = "each"
     extra_rows: tuple[int, ...] = ()
     args: tuple[Any, ...] = ()
     needs_graphs: bool = False  # only where CUDA graphs exist and the backend captures
@@ -63,17 +67,24 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "numerics",
-        "random_sum",
-        "random_sum",
+        "rounded_sum",
+        "rounded_sum",
         extra_rows=AWKWARD_ROWS,
-        doc="normal inputs: within the per-dtype bound of a float64 reference",
+        doc="mixed sign and magnitude: correctly rounded at 2 ranks, else a derived bound",
+    ),
+    Check(
+        "numerics",
+        "edge_values",
+        "edge_values",
+        extra_rows=AWKWARD_ROWS,
+        doc="overflow, subnormals, signed zeros, NaN, Inf: the correctly rounded sum",
     ),
     Check(
         "numerics",
         "fused_job",
         "fused_job",
         extra_rows=AWKWARD_ROWS,
-        doc="allreduce + residual add + RMSNorm against a float64 reference",
+        doc="small-RMS rows, several eps: residual-out exact, norm and quantized outputs",
     ),
     Check(
         "limits",
@@ -89,6 +100,14 @@ CHECKS: tuple[Check, ...] = (
         args=(GRAPH_REPLAYS_PER_SIZE,),
         needs_graphs=True,
         doc="both jobs captured and replayed with inputs changed before every replay",
+    ),
+    Check(
+        "stress",
+        "back_to_back",
+        "back_to_back",
+        sizes="listed",
+        extra_rows=STRESS_ROWS,
+        doc="thousands of back-to-back calls, inputs changing, every output checked on device",
     ),
 )
 

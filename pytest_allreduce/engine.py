@@ -65,6 +65,11 @@ class Engine:
         self._executors: dict[int, Executor] = {}
         # Rows every set-up must hold: the plan's sizes and the checks' extra sizes.
         self.needed_rows = max([*plan.batch_sizes, *(r for c in CHECKS for r in c.extra_rows)])
+        # Where a call hung or lost a rank: (target, rows) -> why, naming the test that met
+        # it. The rest of that backend's work at that size is skipped with this reason
+        # instead of each call waiting out the timeout and restarting the pool again.
+        self.broken_cases: dict[tuple[Target, int], str] = {}
+        self.current_test = ""  # the test (or session-end step) now calling, for that reason
 
     # ---- executors -----------------------------------------------------------------------
 
@@ -180,7 +185,10 @@ class Engine:
             answers = self.call(world_size, vote_availability, variant)[0]
             reason = "; ".join(f"rank {r}: {a}" for r, a in enumerate(answers) if a) or None
         result = Availability(
-            variant.name, world_size, reason is None, reason or "",
+            variant.name,
+            world_size,
+            reason is None,
+            reason or "",
             variant.limits(world_size).as_dict(),
         )
         self.store.record_availability(result)
@@ -210,7 +218,23 @@ class Engine:
         )
         if refusal:
             raise CaseSkipped(f"outside {target.backend}'s limits: {refusal}")
+        if broken := self.broken_cases.get((target, case.batch_size)):
+            raise CaseSkipped(broken)
         return self.work(target)
+
+    def call_case(self, case: Case, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """`call` for work at `case`; a hang or rank death is remembered for the case."""
+        from .pool import RankFailure
+
+        try:
+            return self.call(case.target.world_size, fn, *args)
+        except RankFailure as failure:
+            if failure.pool_broken:
+                self.broken_cases[(case.target, case.batch_size)] = (
+                    f"{case.target.backend} hung or lost a rank at {case.batch_size} rows in "
+                    f"{self.current_test or 'an earlier call'}: {failure.summary}"
+                )
+            raise
 
     def check_refusal(self, check: Check, target: Target) -> str | None:
         """Why `check` does not apply to `target` here, or None."""
@@ -229,7 +253,7 @@ class Engine:
         if reason := self.check_refusal(check, case.target):
             raise CaseSkipped(reason)
         work = self.require(case)
-        reports = self.call(case.target.world_size, check.fn, work, case.batch_size, *check.args)
+        reports = self.call_case(case, check.fn, work, case.batch_size, *check.args)
         problems = tuple(f"rank {r.rank}: {p}" for r in reports for p in r.problems)
         return CheckOutcome(check, case, problems, reports[0].engaged if reports else "")
 
@@ -290,12 +314,22 @@ class Engine:
         world_size, rows = first.target.world_size, first.batch_size
 
         def time_works(works: list[Work]) -> timing.InterleavedTiming:
-            return self.call(
-                world_size, timing.measure_interleaved, works, rows, job, timing_plan
-            )[0]
+            return self.call(world_size, timing.measure_interleaved, works, rows, job, timing_plan)[
+                0
+            ]
+
+        def time_alone(case: Case, work: Work) -> timing.InterleavedTiming:
+            # Through call_case: a candidate that hangs or kills a rank alone is on record,
+            # and the rest of its tests at this size are skipped.
+            return self.call_case(case, timing.measure_interleaved, [work], rows, job, timing_plan)[
+                0
+            ]
 
         try:
-            result = time_works([w for _, w in runnable])
+            if len(runnable) == 1:
+                result = time_alone(*runnable[0])
+            else:
+                result = time_works([w for _, w in runnable])
         except RankFailure as failure:
             if len(runnable) == 1:
                 outcome.failed[first] = str(failure)
@@ -303,7 +337,7 @@ class Engine:
             alone_ok = []
             for case, work in runnable:
                 try:
-                    time_works([work])
+                    time_alone(case, work)
                 except RankFailure as own:
                     outcome.failed[case] = str(own)
                 else:
@@ -314,8 +348,7 @@ class Engine:
             for case, _ in runnable:
                 others = ", ".join(c.target.backend for c, _ in runnable if c != case)
                 outcome.failed[case] = (
-                    f"passed when timed alone, failed when timed together with {others}:\n"
-                    f"{failure}"
+                    f"passed when timed alone, failed when timed together with {others}:\n{failure}"
                 )
             return
         for (case, _), timed in zip(runnable, result.candidates, strict=True):

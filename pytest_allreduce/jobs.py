@@ -6,6 +6,7 @@ availability vote.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,19 +111,19 @@ class JobBuffers:
             t.fill_(float("nan"))
 
 
-def run_job(backend: Backend, job: Job, buf: JobBuffers) -> None:
+def run_job(backend: Backend, job: Job, buf: JobBuffers, eps: float = RMS_EPS) -> None:
     """One op of `job`. Backends without a fused path get the engine's composition, so
     every backend does the same work."""
     if job == "allreduce":
         backend.all_reduce(buf.inp, buf.out)
     elif backend.fused:
         backend.fused_add_rms_norm(
-            buf.inp, buf.residual, buf.weight, RMS_EPS, buf.out, buf.residual_out
+            buf.inp, buf.residual, buf.weight, eps, buf.out, buf.residual_out
         )
     else:
         backend.all_reduce(buf.inp, buf.out)
         buf.residual_out.copy_(buf.residual)
-        add_rms_norm(buf.out.device).fn(buf.out, buf.residual_out, buf.weight, RMS_EPS)
+        add_rms_norm(buf.out.device).fn(buf.out, buf.residual_out, buf.weight, eps)
 
 
 @dataclass(frozen=True)
@@ -190,21 +191,16 @@ def generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
 
 
 def integer_base(seed: int, rows: int, hidden: int, device: torch.device) -> torch.Tensor:
-    """Integers in [-3, 3], one draw per (seed, shape), as float64."""
+    """Integers in [-3, 3], one draw per (seed, shape), as float32 (exact: small integers)."""
     gen = generator(seed, -1, device)
-    return torch.randint(-3, 4, (rows, hidden), generator=gen, device=device).double()
+    return torch.randint(-3, 4, (rows, hidden), generator=gen, device=device).float()
 
 
 def exact_inputs(
-    seed: int,
-    rank: int,
-    world_size: int,
-    rows: int,
-    hidden: int,
-    dtype: torch.dtype,
-    device: torch.device,
+    base: torch.Tensor, rank: int, world_size: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(this rank's input, the exact float64 sum over all ranks) for integer-valued inputs.
+    """(this rank's input, the exact float32 sum over all ranks) for integer-valued inputs
+    made from `base` (an `integer_base` draw).
 
     Rank r holds c_r * base + d_r with c_r in {1, 2} and d_r in [-2, 2]: |input| <= 8, so a
     sum over up to 16 ranks stays within 128 and is exact in any order and every dtype
@@ -212,14 +208,6 @@ def exact_inputs(
     no more than the input, while every rank's values still differ (reading a peer's buffer
     twice, or one at the wrong offset, changes the sum).
     """
-    return exact_from_base(integer_base(seed, rows, hidden, device), rank, world_size, dtype)
-
-
-def exact_from_base(
-    base: torch.Tensor, rank: int, world_size: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """exact_inputs' rule on a given integer base (e.g. the first rows of a larger draw)."""
-    base = base.double()
     scale = [1 + r % 2 for r in range(world_size)]
     shift = [r % 5 - 2 for r in range(world_size)]
     mine = (scale[rank] * base + shift[rank]).to(dtype)
@@ -233,7 +221,237 @@ def normal_input(
     return torch.randn(rows, hidden, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The format references are computed in: one whose sum of two `dtype` values, rounded
+    once more to `dtype`, is the correctly rounded sum.
+
+    For bfloat16 and float16 that is float32: a sum computed with p' >= 2p + 1 significant
+    bits and rounded again to p bits equals the directly rounded sum (double rounding is
+    innocuous for addition when p' >= 2p + 1; 24 >= 2 * 11 + 1). float64 (53 >= 2 * 24 + 1)
+    serves float32. float32 arithmetic is several times cheaper than float64 on both
+    devices, which is what lets the checks run at every size.
+    """
+    return torch.float32 if dtype.itemsize <= 2 else torch.float64
+
+
+def mixed_input(
+    seed: int,
+    rank: int,
+    rows: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    octaves: int = 8,
+) -> torch.Tensor:
+    """Normal values scaled by random factors 2^z, z normal with deviation octaves / 2 and
+    clipped to +-octaves: mixed signs and magnitudes within every row, so sums cancel and
+    carry across exponents."""
+    gen = generator(seed, rank, device)
+    values = torch.randn(rows, hidden, generator=gen, device=device)
+    spread = torch.randn(rows, hidden, generator=gen, device=device).mul_(octaves / 2)
+    return values.mul_(spread.clamp_(-octaves, octaves).exp2_()).to(dtype)
+
+
+@dataclass(frozen=True)
+class Format:
+    """The binary floating-point facts of a dtype the edge inputs are built from."""
+
+    digits: int  # significand bits, the implicit one included
+    max_exponent: int  # of the largest finite value
+    min_exponent: int  # of the smallest normal value
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> Format:
+        info = torch.finfo(dtype)
+        digits = 1 - math.frexp(info.eps)[1] + 1  # eps = 2^(1 - digits) = 0.5 * 2^frexp
+        return cls(digits, math.frexp(info.max)[1] - 1, math.frexp(info.smallest_normal)[1] - 1)
+
+    @property
+    def largest(self) -> float:
+        return (2 - 2.0 ** (1 - self.digits)) * 2.0**self.max_exponent
+
+    @property
+    def smallest_normal(self) -> float:
+        return 2.0**self.min_exponent
+
+    @property
+    def smallest_subnormal(self) -> float:
+        return 2.0 ** (self.min_exponent - self.digits + 1)
+
+    @property
+    def ulp_of_largest(self) -> float:
+        return 2.0 ** (self.max_exponent - self.digits + 1)
+
+
+def special_pairs(dtype: torch.dtype) -> list[tuple[float, float]]:
+    """(a, b) pairs at the edges of `dtype`, each exactly representable in it, whose
+    correctly rounded sums a backend gets wrong first: overflow to infinity (and the tie
+    that decides it), cancellation near the largest value, subnormal sums and carries into
+    the normal range, signed zeros, infinities and NaN, and ties at 1."""
+    f = Format.of(dtype)
+    top, half_ulp = f.largest, f.ulp_of_largest / 2
+    sub, normal = f.smallest_subnormal, f.smallest_normal
+    one_ulp = 2.0 ** (1 - f.digits)  # the spacing just above 1
+    big, small = 2.0 ** (f.max_exponent // 2), 2.0 ** -(f.max_exponent // 2)
+    inf, nan = math.inf, math.nan
+    return [
+        # overflow, and the tie at the overflow threshold (the largest value's significand
+        # is odd, so the tie rounds up, to infinity)
+        (top, top), (-top, -top), (top, half_ulp), (-top, -half_ulp),
+        (top, half_ulp / 2), (top, -top), (top / 2, top / 2), (top, -half_ulp),
+        (top, -big), (top / 2, top / 4),
+        # infinities and NaN
+        (inf, 1.0), (-inf, top), (inf, -inf), (inf, inf), (nan, 1.0), (1.0, nan), (nan, -inf),
+        # signed zeros
+        (0.0, 0.0), (-0.0, -0.0), (0.0, -0.0), (-0.0, sub), (-0.0, -1.0), (1.0, -1.0),
+        # subnormals and the step into the normal range
+        (sub, sub), (sub, -sub), (normal - sub, sub), (normal, -sub), (3 * sub, -sub),
+        (normal / 2, normal / 2), (-sub, -sub), (sub, 1.0), (-normal / 4, normal),
+        # ties and carries at 1, and magnitudes far apart
+        (1.0, one_ulp / 2), (1.0 + one_ulp, one_ulp / 2), (1.0, 0.75 * one_ulp),
+        (1.0, -one_ulp / 4), (2.0 - one_ulp, one_ulp / 2), (big, 1.0), (small, 1.0),
+        (big, -small), (-big, big * one_ulp),
+    ]  # fmt: skip
+
+
+# A prime: the special pairs land on every lane and vector offset in turn.
+EDGE_SPECIALS_STRIDE = 509
+
+
+def edge_pairs(
+    seed: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), each (rows, hidden) in `dtype`: random finite values spread evenly over every
+    binade of the dtype (subnormals to the largest value, both signs), b within a few
+    binades of a in three pairs of four (so their sum rounds) and anywhere in the fourth,
+    with `special_pairs` laid over them every EDGE_SPECIALS_STRIDE elements.
+
+    Values are built from random bit patterns (sign, exponent field below the all-ones
+    one, significand), which is both uniform over binades and several times cheaper than
+    drawing floats: the check runs at every size."""
+    f = Format.of(dtype)
+    width = dtype.itemsize * 8
+    significand = f.digits - 1
+    top_field = (1 << (width - 1 - significand)) - 2  # the largest finite exponent field
+    gen = generator(seed, -2, device)
+    shape = (rows, hidden)
+
+    def random_bits() -> torch.Tensor:
+        return torch.randint(0, 1 << 62, shape, generator=gen, device=device)
+
+    def assemble(bits: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+        pattern = ((bits & 1) << (width - 1)) | (field << significand)
+        pattern |= (bits >> 20) & ((1 << significand) - 1)
+        as_int = {16: torch.int16, 32: torch.int32}[width]
+        return pattern.to(as_int).view(dtype)  # the sign bit wraps into the int's sign
+
+    bits_a, bits_b = random_bits(), random_bits()
+    field_a = (bits_a >> 1) % (top_field + 1)
+    reach = f.digits + 2
+    near = (field_a + (bits_b >> 1) % (2 * reach + 1) - reach).clamp_(0, top_field)
+    anywhere = (bits_b >> 8) % (top_field + 1)
+    a = assemble(bits_a, field_a)
+    b = assemble(bits_b, torch.where((bits_b >> 50) % 4 == 0, anywhere, near))
+
+    specials = torch.tensor(special_pairs(dtype), dtype=torch.float64).to(dtype).to(device)
+    starts = torch.arange(0, rows * hidden, EDGE_SPECIALS_STRIDE, device=device)
+    where = (starts.unsqueeze(1) + torch.arange(len(specials), device=device)).flatten()
+    which = torch.arange(len(specials), device=device).repeat(len(starts))
+    inside = where < rows * hidden
+    where, which = where[inside], which[inside]
+    a.view(-1)[where] = specials[which, 0]
+    b.view(-1)[where] = specials[which, 1]
+    return a, b
+
+
+def pair_holders(rows: int, world_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(first, second), (rows,) each: per row, the two ranks that hold that row's pair; every
+    other rank holds +0 there. The pair moves over the ranks from row to row, so every rank
+    is a holder and every rank an idle one."""
+    row = torch.arange(rows, device=device)
+    first = row % world_size
+    step = 1 + (row // world_size) % max(world_size - 1, 1)
+    return first, (first + step) % world_size
+
+
 def digest(t: torch.Tensor) -> str:
     """A hash of the exact bits, to prove every rank ended with identical results."""
     raw = t.detach().contiguous().view(torch.uint8).cpu().numpy()
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class FusedInputs:
+    """One rank's inputs to the fused job, and what the reference needs of all ranks'."""
+
+    mine: torch.Tensor  # this rank's allreduce input, in the dtype
+    exact_sum: torch.Tensor  # the allreduce's exact sum, in `wide_dtype`
+    abs_sum: torch.Tensor  # the sum of its terms' magnitudes, in `wide_dtype`
+    residual: torch.Tensor
+    weight: torch.Tensor
+
+
+# Rows are scaled by powers of two across these binades: at two ranks row RMS runs from
+# 5e-4 to 0.25, so rms^2 runs from below the common RMSNorm epsilons (1e-6, 1e-5) to far
+# above them, as in real residual streams.
+FUSED_ROW_BINADES = (-14, -5)
+
+
+def fused_inputs(
+    seed: int,
+    rank: int,
+    world_size: int,
+    rows: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> FusedInputs:
+    """Inputs to the fused job whose rows have small RMS, so that epsilon matters.
+
+    Each row r is scaled by its own power of two 2^e, e cycling over FUSED_ROW_BINADES:
+    the allreduce inputs are `exact_inputs`-style integers times 2^e (so their sum is exact
+    in every dtype and order, and the residual-out has one rounding to check), the residual
+    is normal noise of four times that scale (so sum + residual does round), and the weight
+    is 1 + N(0, 1/16), the same on every rank as in a model.
+    """
+    wide = wide_dtype(dtype)
+    base = integer_base(seed, rows, hidden, device)
+    low, high = FUSED_ROW_BINADES
+    binade = low + (torch.arange(rows, device=device) * 3) % (high - low + 1)
+    row_scale = torch.ldexp(torch.ones(rows, 1, device=device), binade.unsqueeze(1))
+    terms = [(1 + r % 2) * base + (r % 5 - 2) for r in range(world_size)]
+    residual = normal_input(seed, 1000, rows, hidden, torch.float32, device) * 4 * row_scale
+    weight = 1 + 0.25 * normal_input(seed, 1001, 1, hidden, torch.float32, device)[0]
+    return FusedInputs(
+        mine=(terms[rank] * row_scale).to(dtype),
+        exact_sum=(sum(terms) * row_scale).to(wide),
+        abs_sum=(sum(t.abs() for t in terms) * row_scale).to(wide),
+        residual=residual.to(dtype),
+        weight=weight.to(dtype),
+    )
+
+
+# ---- input pools ---------------------------------------------------------------------------
+
+# Rows of each pool. Random inputs cost more to draw than the checks cost to run, and the
+# checks run at every size, so each rank draws a pool once and every size takes its rows
+# from it, starting at an offset that depends on the size and wrapping around. A prime:
+# inputs longer than the pool repeat every 509 rows, never at a power-of-two byte offset,
+# so a kernel that reads the wrong chunk of a power-of-two size still reads other values.
+POOL_ROWS = 509
+
+
+def pooled(
+    ctx: RankContext,
+    key: tuple[object, ...],
+    build: Callable[[int], tuple[torch.Tensor, ...]],
+    rows: int,
+) -> tuple[torch.Tensor, ...]:
+    """`rows` rows of each tensor of the pool `build(POOL_ROWS)` (built once per rank and
+    `key`): rows offset, offset + 1, ... modulo POOL_ROWS, the offset set by `rows`."""
+    pool = ctx.cache.get(("pool", *key))
+    if pool is None:
+        pool = ctx.cache[("pool", *key)] = build(POOL_ROWS)
+    offset = rows * 97 % POOL_ROWS
+    index = (torch.arange(rows, device=ctx.device) + offset) % POOL_ROWS
+    return tuple(t.index_select(0, index) if t.dim() == 2 else t for t in pool)

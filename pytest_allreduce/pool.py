@@ -45,9 +45,15 @@ _SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its NUL)
 
 
 class RankFailure(Exception):
-    """A distributed call failed; the message is the whole report, rank by rank."""
+    """A distributed call failed; the message is the whole report, rank by rank.
 
-    def __init__(self, summary: str, sections: dict[int, str]) -> None:
+    `summary` is its first line; `pool_broken` says whether the ranks were killed (a hang,
+    a death, a collective error), which the engine uses to skip what is left of that case.
+    """
+
+    def __init__(self, summary: str, sections: dict[int, str], pool_broken: bool = False) -> None:
+        self.summary = summary
+        self.pool_broken = pool_broken
         body = "\n".join(
             f"---- rank {r} ----\n{text.rstrip()}" for r, text in sorted(sections.items())
         )
@@ -301,10 +307,11 @@ class RankPool:
                 )
         # Start-up failures, deaths, timeouts and collective errors all leave a group that
         # cannot be trusted; only plain exceptions raised by the function keep the pool.
-        if late or replies.dead or replies.group_failed or starting:
+        broken = bool(late or replies.dead or replies.group_failed or starting)
+        if broken:
             parts.append("the rank pool was killed and will be replaced")
             self.close(force=True)
-        raise RankFailure("; ".join(parts), sections)
+        raise RankFailure("; ".join(parts), sections, pool_broken=broken)
 
     def _dump_stacks(self, ranks: list[int]) -> dict[int, str]:
         signalled = [r for r in self._ranks if r.rank in ranks and r.process.is_alive()]

@@ -147,10 +147,8 @@ def _exclusion(store: ResultStore, target: Target, run: Run, rows: int) -> str |
     case = target.at(rows)
     if case not in store.verdicts and store.latency(case, SELECTION_JOB) is None:
         return f"runs {name}, not checked or measured at this size"
-    if not store.eligible(case):
-        outcomes = {s: store.suite_outcome(case, s) for s in store.required_suites()}
-        bad = ", ".join(f"{s} {o}" for s, o in outcomes.items() if o != "passed")
-        return f"runs {name}, not eligible ({bad})"
+    if (why := store.ineligibility(case)) is not None:
+        return f"runs {name}, not eligible: {why}"
     latency = store.latency(case, SELECTION_JOB)
     if latency is None or not latency.samples_us:
         return f"runs {name}, no {SELECTION_JOB!r} latency samples"

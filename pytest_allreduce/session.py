@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from .xdist_roles import Role
 
 PLUGIN_NAME = "allreduce-session"
+# Test ids of the checks session-end work runs start with one of these.
+SESSION_END_STEPS: tuple[str, ...] = ("bisection", "routed size")
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,8 @@ class AllreduceSession:
                         continue  # nothing to step around
                     calls.append(CheckCall(check, target.at(largest or limits.min_rows)))
                     continue
-                sizes = sorted({*self.plan.batch_sizes, *check.extra_rows})
+                listed = check.sizes == "listed"
+                sizes = sorted({*([] if listed else self.plan.batch_sizes), *check.extra_rows})
                 calls += [CheckCall(check, target.at(rows)) for rows in sizes]
         return calls
 
@@ -297,6 +300,12 @@ class AllreduceSession:
 
     # ---- verdicts ------------------------------------------------------------------------
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        # Named in the reason the engine gives for skipping the rest of a backend's work at
+        # a size where this test hung or lost a rank.
+        self.engine.current_test = item.nodeid
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
@@ -374,6 +383,10 @@ class AllreduceSession:
             raise
         if report.gate_failures and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        # A failed check fails the run wherever it ran: tests fail by themselves, checks
+        # that session-end work ran (bisection, routed sizes) fail it here.
+        if self.store.disqualified() and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
         return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -411,7 +424,13 @@ class AllreduceSession:
             for hidden in self.plan.hidden_sizes:
                 for dtype in self.plan.dtypes:
                     if (key := GroupKey(ws, hidden, dtype)) in measured:
-                        selections[key] = self._select(key)
+                        selections[key] = self._select_covered(key)
+        for target, why in self.store.disqualified().items():
+            self.report.notes.append(f"{target.label} is kept out of the config: {why}")
+        if failed := self.session_end_failures():
+            self.report.errors.append(
+                f"{len(failed)} check(s) failed in session-end work: " + "; ".join(failed[:5])
+            )
         if not self.is_writer:
             return self.report
         self._publish_benchmarks(selections)
@@ -493,6 +512,58 @@ class AllreduceSession:
         if publish(self.config, records):
             self.progress(f"pytest-benchmark: {len(records)} records")
 
+    def _select_covered(self, key: GroupKey) -> Selection:
+        """Select (with bisection), then check the sizes the config routes to each winner;
+        while that disqualifies someone, select again without them."""
+        chosen = self._select(key)
+        # Each round that changes anything disqualifies a winner for good: few rounds.
+        for _ in self._planned_targets:
+            before = set(self.store.disqualified())
+            self.check_routed_sizes(key, chosen)
+            if set(self.store.disqualified()) == before:
+                break
+            chosen = self._select(key)
+        return chosen
+
+    def check_routed_sizes(self, key: GroupKey, selection: Selection) -> None:
+        """Every check of the table that runs at each size, at the sizes the config routes
+        to each winner that nothing has checked yet (`routing.sizes_to_check`): the
+        config covers every size up to the largest planned one, not only its keys."""
+        from .routing import sizes_to_check
+
+        end = max(self.plan.batch_sizes)
+        todo = []
+        winners = {bs: choice.backend_name for bs, choice in selection.choices.items()}
+        for rows, routed_to in sizes_to_check(winners, end):
+            winner = selection.choices[routed_to].backend_name
+            case = Target(winner, key.world_size, key.hidden, key.dtype).at(rows)
+            if not self._checked(case):
+                todo.append((winner, rows))
+        for winner, rows in self.engine.agree(key.world_size, todo):
+            case = Target(winner, key.world_size, key.hidden, key.dtype).at(rows)
+            for check in checks_at_each_size():
+                self._record_check(case, check, "routed size")
+
+    def _checked(self, case: Case) -> bool:
+        """Every suite of the each-size checks that applies here has a verdict at `case`
+        (of any outcome)."""
+        recorded = self.store.verdicts.get(case, {})
+        return all(
+            check.suite in recorded
+            for check in checks_at_each_size()
+            if self.engine.check_refusal(check, case.target) is None
+        )
+
+    def session_end_failures(self) -> list[str]:
+        """The failed checks that session-end work recorded, as "test id at case"."""
+        return [
+            f"{v.test_id} at {case.label}"
+            for case, suites in self.store.verdicts.items()
+            for verdicts in suites.values()
+            for v in verdicts
+            if v.outcome == "failed" and v.test_id.startswith(SESSION_END_STEPS)
+        ]
+
     def measure_size(self, key: GroupKey, rows: int) -> None:
         """At a size between two measured ones: every check of the table that runs at each
         size, recorded under its own suite, then the candidates that passed all of them, timed
@@ -504,9 +575,11 @@ class AllreduceSession:
             availability = self.store.availability.get((target.backend, target.world_size))
             if availability is None or not availability.available:
                 continue
+            if self.store.disqualification(target) is not None:
+                continue  # it cannot win anywhere in this config: nothing to learn here
             case = target.at(rows)
             for check in checks_at_each_size():
-                self._record_check(case, check)
+                self._record_check(case, check, "bisection")
             if self.store.eligible(case):
                 eligible.append(case)
         if not eligible:
@@ -516,10 +589,11 @@ class AllreduceSession:
             for case, verdict in self._latency_verdicts.pop("bisection").items():
                 self.record_verdict(case, verdict)
 
-    def _record_check(self, case: Case, check: Check) -> None:
+    def _record_check(self, case: Case, check: Check, step: str) -> None:
         from .pool import RankFailure
 
-        test_id = f"bisection::{check.label}"
+        test_id = f"{step}::{check.label}"
+        self.engine.current_test = test_id
         try:
             outcome = self.engine.run_check(check, case)
         except CaseSkipped as skipped:

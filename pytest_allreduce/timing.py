@@ -44,7 +44,7 @@ from .jobs import (
     Work,
     backend_for,
     engaged,
-    exact_from_base,
+    exact_inputs,
     integer_base,
     run_job,
 )
@@ -374,8 +374,8 @@ def _integer_rows(ctx: RankContext, seed: int, rows: int, work: Work) -> torch.T
 
 def _inputs(ctx: RankContext, work: Work, rows: int, job: Job) -> _Inputs:
     dtype = work.dtype
-    mine, total = exact_from_base(
-        _integer_rows(ctx, 51, rows, work), ctx.rank, ctx.world_size, dtype
+    mine, total = exact_inputs(
+        _integer_rows(ctx, 51, rows, work).float(), ctx.rank, ctx.world_size, dtype
     )
     # The residual is the same on every rank, as in a model.
     residual = _integer_rows(ctx, 52, rows, work).to(dtype)

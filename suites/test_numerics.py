@@ -1,7 +1,8 @@
 """Numerical equivalence: is every backend's sum right, on every rank, at every size?
 
 The checks are the numerics entries of `pytest_allreduce.checktable.CHECKS`: exact integer
-sums bit for bit, random inputs against a float64 reference, and the fused job."""
+sums, correctly rounded sums of mixed inputs, the edges of the dtype (overflow, subnormals,
+signed zeros, NaN, Inf), and the fused job on small rows with several epsilons."""
 
 import pytest
 

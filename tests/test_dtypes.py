@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from pytest_allreduce.checktable import checks_of
+
 
 def test_numerics_in_every_dtype_and_config_from_bfloat16(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\n")
@@ -22,9 +24,10 @@ def test_numerics_in_every_dtype_and_config_from_bfloat16(pytester: pytest.Pytes
         "--allreduce-output-dir=out",
         timeout=240,
     )
-    # 2 backends x 3 dtypes x 4 sizes (1, 3, 8, 127) x 3 checks; latency: one test per
-    # dtype x size x job (both backends timed together).
-    result.assert_outcomes(passed=72 + 3 * 2 * 2)
+    # 2 backends x 3 dtypes x 4 sizes (1, 3, 8, 127) x the numerics checks; latency: one
+    # test per dtype x size x job (both backends timed together).
+    numerics = len(checks_of("numerics"))
+    result.assert_outcomes(passed=2 * 3 * 4 * numerics + 3 * 2 * 2)
     for dtype in ("float32", "float16", "bfloat16"):
         report = (
             pytester.path
