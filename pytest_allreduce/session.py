@@ -533,13 +533,18 @@ class AllreduceSession:
 
         end = max(self.plan.batch_sizes)
         todo = []
-        winners = {bs: choice.backend_name for bs, choice in selection.choices.items()}
+        # The keys the config will hold: a server routes every token count to one of them,
+        # and between two keys that run the same backend nothing changes.
+        winners = {bs: selection.choices[bs].backend_name for bs in selection.config_keys()}
         for rows, routed_to in sizes_to_check(winners, end):
             winner = selection.choices[routed_to].backend_name
             case = Target(winner, key.world_size, key.hidden, key.dtype).at(rows)
             if not self._checked(case):
                 todo.append((winner, rows))
-        for winner, rows in self.engine.agree(key.world_size, todo):
+        todo = self.engine.agree(key.world_size, todo)
+        if todo:
+            self.progress(f"routed sizes: {len(todo)} checked for {_group_label(key)}")
+        for winner, rows in todo:
             case = Target(winner, key.world_size, key.hidden, key.dtype).at(rows)
             for check in checks_at_each_size():
                 self._record_check(case, check, "routed size")

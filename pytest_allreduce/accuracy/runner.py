@@ -43,6 +43,22 @@ class AccuracyUnavailable(Exception):
     """The suite cannot run here (an extra not installed, no data, no model): a skip."""
 
 
+# Where lm-eval's own GSM8K dataset comes from when no data directory is given.
+HUB = ("huggingface.co", 443)
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here, or None. Asked before lm-eval
+    tries (and retries) to download its dataset, which takes tens of seconds to give up."""
+    import socket
+
+    try:
+        socket.create_connection(HUB, timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{HUB[0]} is not reachable ({exc.strerror or exc})"
+    return None
+
+
 def model_cache_dir() -> Path:
     """Where converted models live between sessions (a GGUF's float32 copy is large)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -146,6 +162,7 @@ class AccuracyRunner:
         self._hidden: int | None = None
         self._runs: dict[tuple[str, int], BackendRun] = {}
         self._endpoints: EndpointResults | None = None
+        self._unavailable: str | None = None  # once known, every later test skips at once
         self.verdicts: dict[tuple[str, int], AccuracyVerdict] = {}
 
     @property
@@ -154,6 +171,22 @@ class AccuracyRunner:
         return self.options.gsm8k_reference or default
 
     # ---- the model -----------------------------------------------------------------------
+
+    def check_available(self) -> None:
+        """Raise AccuracyUnavailable, at once, when the suite cannot run here."""
+        if (
+            self._unavailable is None
+            and self.options.gsm8k_data is None
+            and (why := hub_unreachable())
+        ):
+            self._unavailable = (
+                f"no --allreduce-gsm8k-data given, and lm-eval's GSM8K dataset "
+                f"(openai/gsm8k on the Hugging Face Hub) cannot be downloaded: {why}; pass "
+                "a directory with GSM8K's train.jsonl and test.jsonl"
+            )
+        if self._unavailable is not None:
+            raise AccuracyUnavailable(self._unavailable)
+        self.source_extras()
 
     def source_extras(self) -> None:
         try:
@@ -226,6 +259,7 @@ class AccuracyRunner:
         key = (name, world_size)
         if key in self._runs:
             return self._runs[key]
+        self.check_available()
         from .generate import GenerationOptions
         from .gsm8k import GSM8KUnavailable, PoolLM, pool_generate, run_gsm8k
         from .reducer import BackendReducerFactory
@@ -252,6 +286,7 @@ class AccuracyRunner:
                 num_fewshot=self.options.gsm8k_fewshot,
             )
         except GSM8KUnavailable as exc:
+            self._unavailable = str(exc)
             raise AccuracyUnavailable(str(exc)) from None
         carried, reduces = self._carried(variant, world_size, run)
         engaged = variant.spec.summary or name
