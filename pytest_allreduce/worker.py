@@ -75,6 +75,10 @@ def init_rank_context(
     )
     if device_type == "cuda":
         nccl_env.apply_rank_settings()  # before the first communicator: NCCL reads it once
+        # Deterministic cuBLAS (read when its first handle is made): the accuracy suite
+        # compares two backends' generations token for token, which the same GEMMs must
+        # not perturb run to run. A value the user set is kept.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timeout, device_id=device, **rendezvous)

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU runs of this round, as steps that back-to-back device calls share. Run from the
+# repository root on the GPU machine:
+#
+#     bash tools/gpu-steps.sh STEP [STEP...]
+#
+# Steps (each bounded; a failing step is reported and the next still runs):
+#   setup            GPU kit (carried .devkit/), carried wheels (.whl/), GSM8K data
+#                    (.model/gsm8k/ -> /tmp/gsm8k), the machine's facts
+#   chunk:DIR        one chunk of the model (tools/chunk-step.sh DIR)
+#   smoke            the accuracy suite on the tiny model, every backend, CUDA graphs
+#   main1, main2     the default main job (hidden 4096, world size 2), timed, twice
+#   regret           benchmarks/regret.py on main1's config, 1..8192 tokens
+#   versus           benchmarks/vs_nccl_tests.py (builds nccl-tests from .tools/nccl-tests)
+#   probe            benchmarks/pynccl_probe.py
+#   invariance       benchmarks/timing_invariance.py
+#   gsm8k            the accuracy suite on the joined GGUF, every backend, all 1319 questions
+#
+# Everything is written under /tmp/gpu-work, which a warm machine keeps between calls; at the
+# end the whole folder goes to $OUT as one archive (the device tool returns at most 8 files).
+set -u
+work=/tmp/gpu-work
+mkdir -p "$work"
+status=0
+here=$(pwd)
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local began=$SECONDS
+    echo "=== $name (limit ${limit}s): $*"
+    timeout --kill-after=20 "$limit" "$@" >"$work/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$work/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - began)) s" | tee -a "$work/steps.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+main_job() {  # main_job NAME: the README's main command, from an empty folder, timed
+    local name=$1
+    rm -rf "${work:?}/$name"
+    mkdir -p "$work/$name"
+    cd "$work/$name" && python3 -m pytest --pyargs pytest_allreduce.suites -p no:cacheprovider \
+        -rfE --durations=30 --allreduce-output-dir="$work/$name/out"
+}
+
+for what in "$@"; do
+    case $what in
+        setup)
+            source tools/device-env.sh || exit 3
+            step wheels 120 bash tools/install-wheels.sh
+            mkdir -p /tmp/gsm8k && cp .model/gsm8k/*.jsonl /tmp/gsm8k/ &&
+                (cd .model/gsm8k && sha256sum -c --quiet SHA256SUMS) || status=1
+            {
+                date -u
+                nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+                nvidia-smi topo -m
+                ls /proc/driver/nvidia/gpus && grep -h Model /proc/driver/nvidia/gpus/*/information
+                python3 -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version())"
+                python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1
+                python3 -c "import importlib.metadata as m; print('sgl-kernel', m.version('sglang-kernel'))" 2>&1 | tail -1
+                env | grep -E 'NCCL_NVLS|MULTICAST|NVSHMEM_DISABLE' | sort
+                nproc
+            } >"$work/env.txt" 2>&1
+            cat "$work/env.txt" ;;
+        chunk:*)
+            step "chunk-${what#chunk:}" 120 bash tools/chunk-step.sh "${what#chunk:}" ;;
+        smoke)
+            source tools/device-env.sh || exit 3
+            step smoke 240 bash -c "mkdir -p $work/smoke && cd $work/smoke && python3 -m pytest \
+                --pyargs pytest_allreduce.suites -k accuracy -p no:cacheprovider -rfEs \
+                --allreduce-gsm8k-data=/tmp/gsm8k --allreduce-gsm8k-limit=32 \
+                --allreduce-output-dir=$work/smoke/out" ;;
+        main1 | main2)
+            source tools/device-env.sh || exit 3
+            step "$what" 420 bash -c "$(declare -f main_job); work=$work; main_job $what" ;;
+        regret)
+            source tools/device-env.sh || exit 3
+            config=$(ls "$work"/main1/out/tp2/allreduce_config_hidden=4096,device=*.json | grep -v ',tp=' | head -1)
+            step regret 300 python3 benchmarks/regret.py "$config" --max-tokens 8192 \
+                --json "$work/regret-h4096.json" ;;
+        versus)
+            source tools/device-env.sh || exit 3
+            step versus 360 python3 benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests \
+                --out "$work/versus" ;;
+        probe)
+            source tools/device-env.sh || exit 3
+            step probe 240 python3 benchmarks/pynccl_probe.py --out "$work/probe" ;;
+        invariance)
+            source tools/device-env.sh || exit 3
+            step invariance 240 python3 benchmarks/timing_invariance.py --out "$work/invariance" ;;
+        gsm8k)
+            source tools/device-env.sh || exit 3
+            # The joined model (the chunk:... step of the same call joins the last chunk).
+            step gsm8k 540 bash -c "mkdir -p $work/gsm8k && cd $work/gsm8k && python3 -m pytest \
+                --pyargs pytest_allreduce.suites -k accuracy -p no:cacheprovider -rfEs \
+                --durations=20 --allreduce-model=/tmp/model/model.gguf \
+                --allreduce-gsm8k-data=/tmp/gsm8k --allreduce-output-dir=$work/gsm8k/out" ;;
+        *)
+            echo "unknown step $what"; status=2 ;;
+    esac
+    cd "$here" || exit 3
+done
+tar czf "$OUT/gpu-work.tgz" -C "$work" --exclude='*.gguf' . 2>/dev/null
+cp "$work/steps.txt" "$OUT/steps.txt" 2>/dev/null
+exit $status
