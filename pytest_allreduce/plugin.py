@@ -78,9 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
         from .options import check_baseline_device
 
         name = "cpu" if plan.device == "cpu" else gpu_model_name()
-        check_baseline_device(
-            options.baseline, plan.device, device_label(name) if name else None
-        )
+        check_baseline_device(options.baseline, plan.device, device_label(name) if name else None)
     session = AllreduceSession(options, plan, registry, config=config, role=role)
     session.report.warnings += plan_warnings(plan, workers=workers)
     config.stash[SESSION_KEY] = session
@@ -321,8 +319,9 @@ def allreduce_accuracy(
         except CaseSkipped as skipped:
             pytest.skip(str(skipped))
         if not availability.available:
-            pytest.skip(f"{call.name} unavailable at world size {call.world_size}: "
-                        f"{availability.reason}")
+            pytest.skip(
+                f"{call.name} unavailable at world size {call.world_size}: {availability.reason}"
+            )
     return AccuracyRunner(allreduce_session, call)
 
 

@@ -10,6 +10,7 @@ hand their results over; the controller does the session-end work (`xdist_roles`
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,11 +161,14 @@ class AllreduceSession:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None:
             return
-        if not self._progress_shown:
-            # Ends the test progress line, which xdist's compact output leaves open.
-            reporter.write_line("")
-            self._progress_shown = True
-        reporter.write_line(f"allreduce: {message}")
+        # Inside a test (the accuracy suite's verdicts) output is captured: step around it.
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            if not self._progress_shown:
+                # Ends the test progress line, which xdist's compact output leaves open.
+                reporter.write_line("")
+                self._progress_shown = True
+            reporter.write_line(f"allreduce: {message}")
 
     @property
     def timing_plan(self) -> TimingPlan:
@@ -350,8 +354,19 @@ class AllreduceSession:
     def record_accuracy(self, verdict: Any) -> None:
         """An accuracy verdict: kept for the artifacts; a failure disqualifies the backend
         at that world size for every shape (a wrong answer is not tied to one size)."""
-        self.store.accuracy[(verdict.backend, verdict.world_size)] = verdict.summary()
+        summary = verdict.summary()
+        self.store.accuracy[(verdict.backend, verdict.world_size)] = summary
         self.store.accuracy_model = self.accuracy.model_info()
+        # A whole GSM8K run takes minutes per backend: say each verdict as it comes.
+        identical = {True: ", token-identical", False: ", not token-identical"}.get(
+            summary.get("token_identical"), ""
+        )
+        self.progress(
+            f"accuracy tp{verdict.world_size} {verdict.backend}: strict "
+            f"{summary['accuracy_strict']:.3f}, flexible {summary['accuracy_flexible']:.3f} "
+            f"(n={summary['n']}){identical}, {summary['questions_per_s']:.1f} q/s, "
+            f"{summary['verdict']}"
+        )
         if not verdict.passed:
             self.store.disqualify(
                 verdict.backend, verdict.world_size, "accuracy: " + "; ".join(verdict.problems)
@@ -605,9 +620,7 @@ class AllreduceSession:
             self.record_verdict(case, Verdict(check.suite, "skipped", str(skipped), test_id))
             return
         except RankFailure as failure:
-            self.record_verdict(
-                case, Verdict(check.suite, "failed", str(failure)[:2000], test_id)
-            )
+            self.record_verdict(case, Verdict(check.suite, "failed", str(failure)[:2000], test_id))
             return
         verdict = Verdict(
             check.suite,

@@ -15,6 +15,7 @@
 #   probe            benchmarks/pynccl_probe.py
 #   invariance       benchmarks/timing_invariance.py
 #   gsm8k            the accuracy suite on the joined GGUF, every backend, all 1319 questions
+#                    (GSM8K_LIMIT_S bounds it, default 540 s)
 #
 # Everything is written under /tmp/gpu-work, which a warm machine keeps between calls; at the
 # end the whole folder goes to $OUT as one archive (the device tool returns at most 8 files).
@@ -64,7 +65,7 @@ for what in "$@"; do
             } >"$work/env.txt" 2>&1
             cat "$work/env.txt" ;;
         chunk:*)
-            step "chunk-${what#chunk:}" 120 bash tools/chunk-step.sh "${what#chunk:}" ;;
+            step "chunk-$(basename "${what#chunk:}")" 120 bash tools/chunk-step.sh "${what#chunk:}" ;;
         smoke)
             source tools/device-env.sh || exit 3
             step smoke 240 bash -c "mkdir -p $work/smoke && cd $work/smoke && python3 -m pytest \
@@ -92,7 +93,7 @@ for what in "$@"; do
         gsm8k)
             source tools/device-env.sh || exit 3
             # The joined model (the chunk:... step of the same call joins the last chunk).
-            step gsm8k 540 bash -c "mkdir -p $work/gsm8k && cd $work/gsm8k && python3 -m pytest \
+            step gsm8k "${GSM8K_LIMIT_S:-540}" bash -c "mkdir -p $work/gsm8k && cd $work/gsm8k && python3 -m pytest \
                 --pyargs pytest_allreduce.suites -k accuracy -p no:cacheprovider -rfEs \
                 --durations=20 --allreduce-model=/tmp/model/model.gguf \
                 --allreduce-gsm8k-data=/tmp/gsm8k --allreduce-output-dir=$work/gsm8k/out" ;;

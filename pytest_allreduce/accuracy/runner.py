@@ -109,6 +109,16 @@ class AccuracyVerdict:
             "exact_required": self.exact_required,
             "verdict": "passed" if self.passed else "failed",
             "problems": list(self.problems),
+            # Answer for answer: what lm-eval scored, per question (gsm8k-samples.jsonl).
+            "samples": [
+                {
+                    "doc_id": q.doc_id,
+                    "strict": q.strict,
+                    "flexible": q.flexible,
+                    "response": q.response,
+                }
+                for q in run.questions
+            ],
         }
         cmp = self.comparison
         if cmp is not None:

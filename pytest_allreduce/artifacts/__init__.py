@@ -67,6 +67,7 @@ def write_accuracy(store: ResultStore, output_dir: str | os.PathLike[str]) -> li
         written.append(atomic_write(tp_dir / accuracy.SUMMARY_NAME, dumps_json(doc)))
         text = accuracy.report(results, store.accuracy_model)
         written.append(atomic_write(tp_dir / accuracy.REPORT_NAME, text))
+        written.append(atomic_write(tp_dir / accuracy.SAMPLES_NAME, accuracy.samples(results)))
     return written
 
 

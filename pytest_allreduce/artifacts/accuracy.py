@@ -1,4 +1,5 @@
-"""The accuracy suite's artifacts: `tp{N}/gsm8k-summary.json` and `tp{N}/gsm8k-report.md`.
+"""The accuracy suite's artifacts: `tp{N}/gsm8k-summary.json`, `tp{N}/gsm8k-report.md` and
+`tp{N}/gsm8k-samples.jsonl` (every backend's scored response to every question).
 
 The summary holds, per backend, the figures a server operator asks for (strict and flexible
 accuracy, token identity with the reference, McNemar's p, the verdict) beside the model's
@@ -7,11 +8,13 @@ identity, so a run on one machine can be compared with another's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 SUMMARY_NAME = "gsm8k-summary.json"
 REPORT_NAME = "gsm8k-report.md"
+SAMPLES_NAME = "gsm8k-samples.jsonl"
 
 
 def summary(results: Mapping[str, dict[str, Any]], model: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,6 +42,16 @@ def summary(results: Mapping[str, dict[str, Any]], model: Mapping[str, Any]) -> 
             for name, r in results.items()
         },
     }
+
+
+def samples(results: Mapping[str, dict[str, Any]]) -> str:
+    """One JSON line per backend and question: what lm-eval scored and how."""
+    lines = [
+        json.dumps({"backend": name, **sample}, sort_keys=True)
+        for name, r in results.items()
+        for sample in r.get("samples", ())
+    ]
+    return "".join(line + "\n" for line in lines)
 
 
 def table(results: Mapping[str, dict[str, Any]]) -> list[str]:

@@ -33,9 +33,7 @@ def default_config_dtype(dtypes: Sequence[str]) -> str:
     return PREFERRED_CONFIG_DTYPE if PREFERRED_CONFIG_DTYPE in dtypes else dtypes[0]
 
 
-def write_config(
-    path: str | os.PathLike[str], config: AllreduceConfig, device: object
-) -> Path:
+def write_config(path: str | os.PathLike[str], config: AllreduceConfig, device: object) -> Path:
     """Validate `config` for `device` ('cuda' or 'cpu') and write it atomically to `path`.
 
     The text is validated by the loader itself (file format and the consumer's entries and
