@@ -39,8 +39,10 @@ Z: float = NormalDist().inv_cdf(1.0 - stats.P_VALUE_MAX)
 # drift that happened once will happen again.
 # - cuda: 2 x H200, the committed runs docs/results/h200x2/{suites, suites-repeat,
 #   remeasure-h4096}, the five variants SGLang can run: 0.046, 0.063 and 0.026 for the three
-#   pairs. Those runs timed backends one after another, which puts drift on whole backends;
-#   with candidates timed interleaved it should shrink: re-measure it then.
+#   pairs. Those runs timed backends one after another, which puts drift on whole backends.
+#   With candidates timed interleaved, two back-to-back default main jobs on one machine
+#   (docs/results/h200x2/main-job) drifted by under 0.001; one pair on one machine bounds
+#   nothing across machines or days, so the floor stays until more pairs are measured.
 # - cpu: the 2-core CI machine shared with other jobs, four runs of the CPU main job (six
 #   pairs): 0.016 to 0.294, in two clusters. gloo's latency there is bimodal (scheduler
 #   wake-ups), and which mode a run catches is a property of the moment, not of the backend.
