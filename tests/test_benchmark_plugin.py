@@ -60,6 +60,7 @@ COMMON = (
     "--allreduce-backends=gloo,cpu_shm",
     "--allreduce-hidden-sizes=64",
     "--allreduce-batch-sizes=1,8",
+    "--allreduce-max-tokens=8",
     "--allreduce-timeout=60",
 )
 # gloo and cpu_shm x 2 sizes x 2 jobs (bisection may add sizes).

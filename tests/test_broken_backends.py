@@ -31,6 +31,7 @@ def pytest_allreduce_register_backends(registry):
 """
 SMALL_PLAN = (
     "--allreduce-batch-sizes=1,32,64",
+    "--allreduce-max-tokens=64",
     "--allreduce-hidden-sizes=512",
     "--allreduce-output-dir=out",
 )
@@ -198,6 +199,7 @@ def test_a_hang_costs_one_timeout_and_skips_the_rest_of_that_size(tmp_path: Path
         "pytest_allreduce.suites.test_latency",
         "--allreduce-backends=gloo,hangs_at_32",
         "--allreduce-batch-sizes=1,32",
+        "--allreduce-max-tokens=32",
         "--allreduce-hidden-sizes=512",
         "--allreduce-output-dir=out",
         "--allreduce-timeout=20",
@@ -221,6 +223,7 @@ def test_quantized_outputs_are_checked_against_a_reference_quantization(tmp_path
         "fused_job",
         "--allreduce-backends=quantizing_fused",
         "--allreduce-batch-sizes=1,32",
+        "--allreduce-max-tokens=32",
         "--allreduce-hidden-sizes=512",
         "--allreduce-output-dir=out",
     )

@@ -24,6 +24,7 @@ def test_clean_backends_pass_every_check_in_every_dtype(pytester: pytest.Pyteste
         "--allreduce-world-sizes=2,3",
         "--allreduce-dtypes=bfloat16,float16,float32",
         "--allreduce-batch-sizes=1",
+        "--allreduce-max-tokens=1",
         "--allreduce-hidden-sizes=128",
         "--allreduce-output-dir=out",
         timeout=900,

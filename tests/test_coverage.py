@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_allreduce.checktable import checks_of
 from pytest_allreduce.coverage import coverage, session_gaps
 from pytest_allreduce.model import Availability, Latency, Verdict
 from pytest_allreduce.plan import Plan
@@ -14,7 +15,7 @@ from pytest_allreduce.registry import BackendRegistry
 from pytest_allreduce.results import ResultStore
 
 SIZES = (1, 8)
-NUMERICS = ("exact_sum", "random_sum", "fused_job")
+NUMERICS = tuple(check.name for check in checks_of("numerics"))
 
 
 def plan() -> Plan:
@@ -142,7 +143,7 @@ def test_partial_runs_write_beside_the_complete_config(pytester: pytest.Pytester
     complete = (pytester.path / CONFIG).read_text()
 
     # -k: a check left out.
-    result = pytester.runpytest_subprocess(*ARGS, "-k", "not random_sum", timeout=300)
+    result = pytester.runpytest_subprocess(*ARGS, "-k", "not rounded_sum", timeout=300)
     assert result.ret == 0, result.stdout.str()
     assert (pytester.path / PARTIAL).is_file()
     _assert_partial_beside(pytester, result, complete, "the numerics suite did not run every check")
@@ -152,7 +153,7 @@ def test_partial_runs_write_beside_the_complete_config(pytester: pytest.Pytester
     node = next(
         line.strip()
         for line in collected.stdout.lines
-        if "test_latency" in line and "cpu_shm" in line and "bs8" in line
+        if "test_latency" in line and "bs8-fused" in line
     )
     result = pytester.runpytest_subprocess(*ARGS, "--deselect", node, timeout=300)
     assert result.ret == 0, result.stdout.str()

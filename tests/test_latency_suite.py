@@ -82,6 +82,7 @@ def test_each_backend_is_timed_together_and_judged_on_its_own(pytester: pytest.P
         "pytest_allreduce.suites.test_latency",
         "--allreduce-backends=gloo,raises_at_eight,cpu_shm,wrong_when_timed",
         f"--allreduce-batch-sizes=1,{BAD_ROWS}",
+        f"--allreduce-max-tokens={BAD_ROWS}",
         "--allreduce-hidden-sizes=64",
         "--allreduce-output-dir=out",
         "--allreduce-timeout=60",
@@ -139,6 +140,7 @@ def test_a_users_case_runner_still_measures_one_backend(pytester: pytest.Pyteste
         "no:cacheprovider",
         "--allreduce-backends=gloo",
         "--allreduce-batch-sizes=4",
+        "--allreduce-max-tokens=4",  # no tail of sizes beyond the one asked for
         "--allreduce-hidden-sizes=64",
         "--allreduce-output-dir=out",
         timeout=120,

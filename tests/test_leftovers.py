@@ -130,6 +130,7 @@ def test_kill_9_of_pytest_mid_run_leaves_nothing_after_the_next_start(
         "pytest_allreduce.suites",
         "--allreduce-backends=cpu_shm,gloo",
         "--allreduce-batch-sizes=1,8,64",
+        "--allreduce-max-tokens=64",
         "--allreduce-output-dir=out",
     ]
     session = subprocess.Popen(

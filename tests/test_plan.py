@@ -72,7 +72,7 @@ def test_the_plan_is_the_sizes_asked_for_then_the_tail() -> None:
         ("0", "positive integer"),
         ("-8", "positive integer"),
         ("abc", "not an integer"),
-        ("70000", "exceeds the largest allowed, 65536"),
+        ("70000", "above the largest allowed value, 65536"),
     ],
 )
 def test_bad_max_tokens_is_a_usage_error(

@@ -279,6 +279,7 @@ def test_real_suites_write_the_config_evidence_report_and_plot(pytester: pytest.
         "pytest_allreduce.suites",
         "--allreduce-batch-sizes=1,8,64",
         "--allreduce-max-tokens=64",
+        "--allreduce-max-tokens=64",
         "--allreduce-output-dir=out",
         "--allreduce-timeout=60",
         timeout=300,
@@ -451,6 +452,7 @@ def test_backend_that_one_rank_refuses_is_skipped_naming_the_rank(
         "--allreduce-backends=gloo,picky",
         "--allreduce-batch-sizes=1,8",
         "--allreduce-max-tokens=8",
+        "--allreduce-max-tokens=8",
         "--allreduce-timeout=30",
         timeout=120,
     )
@@ -526,6 +528,7 @@ def test_under_torchrun_both_ranks_pass_and_only_rank_zero_writes(
         "pytest_allreduce.suites",
         "--allreduce-backends=gloo",
         "--allreduce-batch-sizes=1,8",
+        "--allreduce-max-tokens=8",
         "--allreduce-max-tokens=8",
         "--allreduce-output-dir=out",
         "--allreduce-timeout=60",

@@ -87,7 +87,13 @@ def healthy_pool(ranks):
     return [pid for pid, _ in results]
 """
 
-SMALL_PLAN = ("--allreduce-backends=gloo", "--allreduce-batch-sizes=1", "-p", "no:cacheprovider")
+SMALL_PLAN = (
+    "--allreduce-backends=gloo",
+    "--allreduce-batch-sizes=1",
+    "--allreduce-max-tokens=1",
+    "-p",
+    "no:cacheprovider",
+)
 
 
 def _alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ import pytest
 
 from pytest_allreduce import noise
 from pytest_allreduce import selection as sel
+from pytest_allreduce.backend import Limits
 from pytest_allreduce.config import ConfigError, check_backend_names, default_registry
 from pytest_allreduce.consumer import CPU_RUNTIME, SGLANG_ADAPTIVE, Entry
 from pytest_allreduce.model import Availability, GroupKey, Latency, Target, VariantInfo, Verdict
@@ -60,7 +61,7 @@ def gpu_store(multicast: bool = False, capability: str | None = "9.0") -> Result
                 WS,
                 available,
                 "" if available else "multicast off",
-                {"needs_multicast": needs_mc},
+                Limits("cuda", ("bfloat16",), needs_multicast=needs_mc).as_dict(),
             )
         )
     return store

@@ -298,6 +298,7 @@ def test_a_failure_on_one_worker_and_timings_on_another_give_the_single_process_
         "--allreduce-backends=fast_wrong,slow_right",
         "--allreduce-hidden-sizes=64",
         "--allreduce-batch-sizes=1,8",
+        "--allreduce-max-tokens=8",
         "--allreduce-timeout=60",
     )
     config = Path("tp2", "allreduce_config_hidden=64,device=cpu.json")
