@@ -70,7 +70,10 @@ class BackendRegistry:
     def __init__(self) -> None:
         self._classes: dict[str, type[Backend]] = {}
 
-    def register(self, cls: type[Backend]) -> None:
+    def register(self, cls: type[Backend], *, replace: bool = False) -> None:
+        """Add a backend class. `replace=True` puts it in place of the one registered under
+        the same name: a build under test of a backend the server runs (a patched kernel,
+        a new library version) is then what the consumer's dispatch picks for that name."""
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
             raise TypeError(f"{cls!r} is not a pytest_allreduce Backend subclass")
         name = getattr(cls, "name", None)
@@ -90,10 +93,11 @@ class BackendRegistry:
         if len(set(suffixes)) != len(suffixes):
             raise TypeError(f"{cls.__qualname__}.variants repeats a suffix: {suffixes}")
         known = self._classes.get(name)
-        if known is not None and known is not cls:
+        if known is not None and known is not cls and not replace:
             raise ValueError(
                 f"backend name {name!r} is registered twice: by {known.__module__}."
-                f"{known.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+                f"{known.__qualname__} and {cls.__module__}.{cls.__qualname__} (pass "
+                "replace=True to put a build under test in place of the registered one)"
             )
         self._classes[name] = cls
 

@@ -19,19 +19,29 @@ from collections.abc import Mapping, Sequence
 # space their keys 8 rows apart where tokens are dense; only wider gaps (the sparse start
 # and the tail) hold enough unmeasured sizes for a band to hide in.
 WIDE_GAP = 16
+# Inside a wide gap: odd sizes this many rows apart, so that a band of wrong sizes at least
+# this wide is always hit (a tail loop taken for some row counts); in gaps wider than
+# GAP_SAMPLES * SAMPLE_STEP, GAP_SAMPLES sizes evenly spread instead, which bounds the cost
+# of the sparse tail at the price of narrower bands there going unseen.
+SAMPLE_STEP = 8
+GAP_SAMPLES = 8
 
 
 def _odd(n: int) -> int:
     return n | 1
 
 
-def sizes_to_check(winners: Mapping[int, str], end: int) -> list[tuple[int, int]]:
+def sizes_to_check(
+    winners: Mapping[int, str], end: int, measured: Sequence[int] = ()
+) -> list[tuple[int, int]]:
     """(rows, key it is routed to) for every size to check, ascending, given the winner of
     each key: every key; in every gap between neighbouring keys, the sizes on both sides of
     the switch from one key to the next where the winner changes there, else the odd one
     of the two (the same backend serves both); wide gaps also get the odd midpoint of each
     side. Below the smallest key and above the largest (up to `end`), the range's ends and
-    odd midpoint."""
+    odd midpoint. Every gap wider than WIDE_GAP between any two of these or of `measured`
+    (the sizes the suites ran at) is unmeasured ground, even inside one key's range: it gets
+    odd sizes at most SAMPLE_STEP rows apart, or GAP_SAMPLES of them in a larger gap."""
     ordered = sorted(winners)
     if not ordered:
         return []
@@ -44,8 +54,9 @@ def sizes_to_check(winners: Mapping[int, str], end: int) -> list[tuple[int, int]
             points |= {switch, switch + 1}
         else:
             points.add(_odd(switch))
-        if high - low > WIDE_GAP:
-            points |= {_odd((low + switch) // 2), _odd((switch + 1 + high) // 2)}
+    grid = sorted(set(measured) | set(ordered))
+    for low, high in itertools.pairwise(grid):
+        points |= set(_inside(low, high))
     lowest, highest = ordered[0], ordered[-1]
     if lowest > 1:
         points |= {1, _odd((1 + lowest) // 2)}
@@ -53,6 +64,14 @@ def sizes_to_check(winners: Mapping[int, str], end: int) -> list[tuple[int, int]
         points |= {highest + 1, _odd((highest + end) // 2), end}
     chosen = sorted(p for p in points if 1 <= p <= max(end, highest))
     return [(rows, _nearest(ordered, rows)) for rows in chosen]
+
+
+def _inside(low: int, high: int) -> list[int]:
+    """Odd sizes strictly between `low` and `high` sampled in a gap wider than WIDE_GAP."""
+    if high - low <= WIDE_GAP:
+        return []
+    step = max(SAMPLE_STEP, -(-(high - low) // GAP_SAMPLES))
+    return [_odd(size) for size in range(low + step, high, step) if _odd(size) < high]
 
 
 def _nearest(ordered: Sequence[int], rows: int) -> int:

@@ -551,7 +551,8 @@ class AllreduceSession:
         # The keys the config will hold: a server routes every token count to one of them,
         # and between two keys that run the same backend nothing changes.
         winners = {bs: selection.choices[bs].backend_name for bs in selection.config_keys()}
-        for rows, routed_to in sizes_to_check(winners, end):
+        measured = sorted(selection.choices)
+        for rows, routed_to in sizes_to_check(winners, end, measured):
             winner = selection.choices[routed_to].backend_name
             case = Target(winner, key.world_size, key.hidden, key.dtype).at(rows)
             if not self._checked(case):

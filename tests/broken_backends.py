@@ -1,11 +1,13 @@
-"""CPU backends over gloo, each wrong in exactly one way that real allreduce kernels have been
-wrong in, for the tests that show the check table catches each class and keeps it out of
-the config.
+"""CPU backends, each wrong in exactly one way that real allreduce kernels have been wrong
+in, for the tests that show the check table catches each class and keeps it out of the
+config.
 
-Every one declares server type "gloo" and a simplicity below gloo's, so that whenever it is
-eligible it is the default and wins: only its checks can keep it out of a config. The
-pytester sessions import this module by name (the spawned ranks unpickle the classes from
-it), so it is copied into each pytester directory.
+Most run beside gloo under their own names: the suites' own checks must fail them. One,
+`BandedGloo`, is registered with `replace=True` in place of gloo itself, the backend the CPU
+runtime runs for every entry: it is right at every size the suites measure and wrong only in
+a band between them, so only session-end work at the sizes the config routes to it can catch
+it. The pytester sessions import this module by name (the spawned ranks unpickle the classes
+from it), so it is copied into each pytester directory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from pytest_allreduce.backends.gloo import GlooBackend
 
 from pytest_allreduce.backend import Backend, Limits, QuantizedOutput, VariantSpec
 from pytest_allreduce.checks import E2M1_VALUES, NVFP4_BLOCK, round_e2m1, round_e4m3
@@ -27,7 +30,7 @@ class _OverGloo(Backend):
     """A correct allreduce through gloo that subclasses break in one place."""
 
     variants = (VariantSpec(server_type="gloo", summary="gloo with a deliberate defect"),)
-    simplicity = -1  # simpler than gloo: the default wherever it is eligible
+    simplicity = -1
     dtypes: tuple[str, ...] = ALL_DTYPES
 
     @classmethod
@@ -87,11 +90,11 @@ class IgnoresEps(_OverGloo):
         add_rms_norm(out.device).fn(out, residual_out, weight, eps * 1e4)
 
 
-class WrongInBand(_OverGloo):
-    """Right at every size but 41 to 47 rows, where its last row is never reduced (a tail
-    loop that only runs for some sizes): no plan of 1, 32, 64 measures a size in the band."""
+class BandedGloo(GlooBackend):
+    """gloo, right at every size but 41 to 47 rows, where its last row is never reduced (a
+    tail loop that only runs for some sizes): no plan of 1, 32, 64 measures a size in the
+    band. Registered in place of gloo (`replace=True`)."""
 
-    name = "wrong_in_band"
     band = range(41, 48)
 
     def _all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
@@ -222,7 +225,6 @@ BROKEN: tuple[type[Backend], ...] = (
     TruncatingSum,
     Float16Accumulator,
     IgnoresEps,
-    WrongInBand,
     WrongFromCall129,
     RacyBackToBack,
     HangsAt32,

@@ -1,10 +1,10 @@
 """End to end: every backend of `broken_backends.py` is caught by the suites and kept out of
 the config, and the run fails; a hang costs one timeout, not one per test.
 
-One session runs all the broken allreduce backends beside gloo (each declares itself simpler
-than gloo, so it would win every size it is eligible at); the tests below read its outcome
-class by class. Smaller sessions cover what needs its own: a backend only session-end work
-can catch, a hang, and quantized outputs.
+One session runs the broken allreduce backends beside gloo; the tests below read its
+outcome class by class. Smaller sessions cover what needs its own: a build of gloo itself
+(what the CPU runtime runs) wrong only between the measured sizes, which only session-end
+work can catch; a hang; and quantized outputs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).parent
+BANDED_CONFTEST_PY = """
+from broken_backends import BandedGloo
+
+
+def pytest_allreduce_register_backends(registry):
+    registry.register(BandedGloo, replace=True)
+"""
 CONFTEST_PY = """
 from broken_backends import BROKEN
 
@@ -41,7 +48,6 @@ BROKEN_SUMS = (
     "truncating_sum",
     "float16_accumulator",
     "ignores_eps",
-    "wrong_in_band",
     "wrong_from_call_129",
     "racy_back_to_back",
 )
@@ -53,13 +59,23 @@ class Run:
     output: str
     directory: Path
 
+    def written(self, path: Path) -> Path:
+        """The artifact as this run wrote it: complete, or with '.partial' where the run
+        covered less than its plan (a failed test); never both."""
+        complete = self.directory / path
+        partial = complete.with_suffix(".partial.json")
+        assert complete.exists() != partial.exists(), (complete, partial.exists())
+        if self.ret == 0:
+            assert complete.exists(), "a passing run wrote partial files"
+        return complete if complete.exists() else partial
+
     @property
     def config(self) -> dict[str, Any]:
-        return json.loads((self.directory / CONFIG).read_text())
+        return json.loads(self.written(CONFIG).read_text())
 
     @property
     def evidence(self) -> dict[str, Any]:
-        return json.loads((self.directory / EVIDENCE).read_text())
+        return json.loads(self.written(EVIDENCE).read_text())
 
     def failed_tests(self, backend: str) -> list[str]:
         """The ids of the failed tests of `backend`, from the short summary."""
@@ -79,14 +95,16 @@ class Run:
         }
 
     def exclusion(self, backend: str) -> str:
-        excluded = self.evidence["dtypes"]["bfloat16"]["selection"]["excluded"]
-        return excluded["1"][backend]
+        """Why the evidence says `backend` is kept out of the config."""
+        return self.evidence["dtypes"]["bfloat16"]["backends"][backend]["disqualified"] or ""
 
 
-def run_session(directory: Path, *args: str, timeout: float = 600) -> Run:
+def run_session(
+    directory: Path, *args: str, timeout: float = 600, conftest: str = CONFTEST_PY
+) -> Run:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "broken_backends.py").write_text((HERE / "broken_backends.py").read_text())
-    (directory / "conftest.py").write_text(CONFTEST_PY)
+    (directory / "conftest.py").write_text(conftest)
     (directory / "pytest.ini").write_text("[pytest]\n")
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfs", *args]
     done = subprocess.run(
@@ -143,9 +161,23 @@ def test_small_activations_a_wrong_epsilon_is_caught_by_the_fused_job(broken_run
     assert "eps 1e-06: normalised output" in broken_run.output
 
 
-def test_sizes_between_keys_a_band_is_caught_at_routed_sizes(broken_run: Run) -> None:
-    assert broken_run.failed_tests("wrong_in_band") == []  # every test passed it
-    verdicts = broken_run.verdicts("wrong_in_band")
+@pytest.fixture(scope="module")
+def band_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """gloo, the backend the CPU runtime runs for every entry, replaced by a build that is
+    wrong only between the plan's sizes."""
+    return run_session(
+        tmp_path_factory.mktemp("band"),
+        "--pyargs",
+        "pytest_allreduce.suites",
+        "--allreduce-backends=gloo",
+        *SMALL_PLAN,
+        conftest=BANDED_CONFTEST_PY,
+    )
+
+
+def test_sizes_between_keys_a_band_is_caught_at_routed_sizes(band_run: Run) -> None:
+    assert "FAILED" not in band_run.output  # every test passed it
+    verdicts = band_run.verdicts("gloo")
     failed = {
         bs for bs, checks in verdicts.items() if any(c["outcome"] == "failed" for c in checks)
     }
@@ -177,18 +209,13 @@ def test_stress_a_back_to_back_race_is_caught_at_both_sizes(broken_run: Run) -> 
     assert "back-to-back calls gave wrong or unwritten elements" in broken_run.output
 
 
-def test_a_failure_only_session_end_work_finds_fails_the_run(tmp_path: Path) -> None:
-    run = run_session(
-        tmp_path,
-        "--pyargs",
-        "pytest_allreduce.suites",
-        "--allreduce-backends=gloo,wrong_in_band",
-        *SMALL_PLAN,
-    )
-    assert "FAILED" not in run.output
-    assert run.ret == 1, run.output
-    assert "check(s) failed in session-end work: routed size::numerics" in run.output
-    assert {entry["backend_name"] for entry in run.config.values()} == {"gloo"}
+def test_a_failure_only_session_end_work_finds_fails_the_run(band_run: Run) -> None:
+    assert band_run.ret == 1, band_run.output
+    assert "check(s) failed in session-end work: routed size::numerics" in band_run.output
+    assert "disqualified" in band_run.exclusion("gloo")
+    # The only backend is out: no config at all, neither complete nor partial.
+    assert not (band_run.directory / CONFIG).exists()
+    assert not (band_run.directory / CONFIG.with_suffix(".partial.json")).exists()
 
 
 def test_a_hang_costs_one_timeout_and_skips_the_rest_of_that_size(tmp_path: Path) -> None:
@@ -206,10 +233,14 @@ def test_a_hang_costs_one_timeout_and_skips_the_rest_of_that_size(tmp_path: Path
     )
     first = "test_numerics[exact_sum-hangs_at_32-tp2-h512-bfloat16-bs32]"
     assert run.failed_tests("hangs_at_32") == [first], run.output
-    # The three other numerics checks and both latency jobs at 32 rows never called the
-    # ranks: each was skipped, naming the test that hung.
+    # The three other numerics checks at 32 rows never called the ranks: each was skipped,
+    # naming the test that hung; the latency tests at 32 rows (every backend timed together)
+    # timed gloo alone.
     reason = rf"hangs_at_32 hung or lost a rank at 32 rows in \S*{re.escape(first)}"
-    assert run.skipped(reason) == 5, run.output
+    assert run.skipped(reason) == 3, run.output
+    at_32 = run.evidence["dtypes"]["bfloat16"]["backends"]
+    assert at_32["hangs_at_32"]["batch_sizes"]["32"]["latency"] == {}
+    assert set(at_32["gloo"]["batch_sizes"]["32"]["latency"]) == {"allreduce", "fused"}
     assert run.ret == 1
     assert {entry["backend_name"] for entry in run.config.values()} == {"gloo"}
 

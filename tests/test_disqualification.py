@@ -48,7 +48,7 @@ def test_a_failure_at_one_size_in_any_suite_disqualifies_every_size(suite: str) 
     store.record_verdict(failing, Verdict(suite, "failed", "boom", "t[cpu_shm-256]"))
     chosen = sel.select(store, KEY)
     assert {chosen.winner(bs) for bs in (1, 8, 64)} == {"gloo"}
-    why = chosen.excluded[8]["cpu_shm"]
+    why = chosen.excluded(8)["cpu_shm"]
     assert f"{suite} failed at 256 rows (t[cpu_shm-256])" in why
     assert not store.eligible(target("cpu_shm").at(8))
     assert store.disqualified() == {failing.target: store.disqualification(failing.target)}
@@ -109,3 +109,20 @@ def test_sizes_to_check_are_routed_as_the_consumer_looks_them_up(keys, end, alte
     if end > keys[-1]:
         assert end in sizes and keys[-1] + 1 in sizes
     assert max(sizes) == max(end, keys[-1])
+
+
+@pytest.mark.parametrize(
+    "keys, measured, end",
+    [([1], [1, 32, 64], 64), ([1, 504], [1, 2, *range(32, 505, 8), 1008, 2016], 2016)],
+)
+def test_wide_gaps_between_measured_sizes_are_sampled_inside_one_keys_range(
+    keys, measured, end
+) -> None:
+    """A band of sizes between two measured sizes, inside the range one key serves, is
+    unmeasured ground: each wide gap gets sizes checked in both of its halves."""
+    points = sizes_to_check(dict.fromkeys(keys, "gloo"), end, measured)
+    sizes = {rows for rows, _ in points}
+    for low, high in itertools.pairwise(sorted(measured)):
+        if high - low > WIDE_GAP:
+            middle = (low + high) / 2
+            assert any(low < s < middle for s in sizes) and any(middle < s < high for s in sizes)

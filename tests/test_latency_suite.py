@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-EVIDENCE = Path("out", "tp2", "allreduce_evidence_hidden=64,device=cpu.json")
+# The run fails (two backends do), so its files are partial.
+EVIDENCE = Path("out", "tp2", "allreduce_evidence_hidden=64,device=cpu.partial.json")
 BAD_ROWS = 8
 
 BACKENDS_PY = f"""

@@ -185,67 +185,11 @@ def test_each_worker_sees_its_own_gpus_and_a_share_too_small_is_a_usage_error(
     assert not (pytester.path / "out").exists()
 
 
-# Two CPU backends: `slow_right` (the standard type, gloo) is correct and sleeps in every
-# call; `fast_wrong` is fast but adds one to every element from 8 rows up. Where fast_wrong
-# passed, it wins by far; where it failed, it must not.
-BACKENDS_PY = """
-import time
-
-from pytest_allreduce.backend import Backend, Limits, VariantSpec
-
-
-class _Cpu(Backend):
-    @classmethod
-    def limits(cls, variant, world_size):
-        return Limits(device="cpu", dtypes=("bfloat16",))
-
-    @classmethod
-    def probe(cls, ctx, variant):
-        return None
-
-    def setup(self):
-        pass
-
-
-class SlowRight(_Cpu):
-    name = "slow_right"
-    variants = (VariantSpec(server_type="gloo"),)
-    simplicity = 0
-
-    def _all_reduce(self, inp, out):
-        import torch.distributed as dist
-
-        out.copy_(inp)
-        dist.all_reduce(out, group=self.ctx.cpu_group)
-        time.sleep(0.03)
-
-
-class FastWrong(_Cpu):
-    name = "fast_wrong"
-    variants = (VariantSpec(server_type="cpu_shm"),)
-    simplicity = 10
-
-    def _all_reduce(self, inp, out):
-        import torch.distributed as dist
-
-        out.copy_(inp)
-        dist.all_reduce(out, group=self.ctx.cpu_group)
-        if inp.shape[0] >= 8:
-            out.add_(1)
-"""
-
-CONFTEST_PY = """
-from xdist_backends import FastWrong, SlowRight
-
-
-def pytest_allreduce_register_backends(registry):
-    registry.register(FastWrong)
-    registry.register(SlowRight)
-"""
-
-# With --dist=loadfile each file goes to one worker: the exact-sum check (which fast_wrong
-# fails at 8 rows) to one, another numerics check that it passes and the timings to the
-# other, whose results alone would make fast_wrong eligible at 8 rows.
+# The CPU backends as the CPU runtime runs them (the config names backend types, so only
+# the variant the consumer runs for a type can win it). cpu_shm is the faster one here; one
+# check, on one worker, fails it at 8 rows. A failure at any size keeps a backend out of the
+# whole config, so cpu_shm must not win even at 1 row, where everything of it passed, and the
+# other worker's timings (where it is fastest) must not bring it back.
 TEST_EXACT_PY = """
 import pytest
 
@@ -257,6 +201,8 @@ pytestmark = pytest.mark.allreduce_suite("numerics")
 def test_exact_sum(allreduce):
     reports = allreduce.run(checks.exact_sum, allreduce.case.batch_size)
     assert not [p for r in reports for p in r.problems]
+    planted = allreduce.case.target.backend == "cpu_shm" and allreduce.case.batch_size == 8
+    assert not planted, "a failure planted at cpu_shm, 8 rows"
 """
 
 TEST_TIMED_PY = """
@@ -288,23 +234,21 @@ def test_a_failure_on_one_worker_and_timings_on_another_give_the_single_process_
     pytester: pytest.Pytester,
 ) -> None:
     pytester.makeini("[pytest]\n")
-    pytester.makepyfile(
-        xdist_backends=BACKENDS_PY, test_exact=TEST_EXACT_PY, test_timed=TEST_TIMED_PY
-    )
-    pytester.makeconftest(CONFTEST_PY)
+    pytester.makepyfile(test_exact=TEST_EXACT_PY, test_timed=TEST_TIMED_PY)
     common = (
         "-p",
         "no:cacheprovider",
-        "--allreduce-backends=fast_wrong,slow_right",
+        "--allreduce-backends=gloo,cpu_shm",
         "--allreduce-hidden-sizes=64",
         "--allreduce-batch-sizes=1,8",
         "--allreduce-max-tokens=8",
         "--allreduce-timeout=60",
     )
-    config = Path("tp2", "allreduce_config_hidden=64,device=cpu.json")
+    # The runs fail (the planted failure), so the config is written as partial.
+    config = Path("tp2", "allreduce_config_hidden=64,device=cpu.partial.json")
 
     single = pytester.runpytest_subprocess(*common, "--allreduce-output-dir=single", timeout=300)
-    assert single.ret == pytest.ExitCode.TESTS_FAILED, single.stdout.str()  # exact sum at 8
+    assert single.ret == pytest.ExitCode.TESTS_FAILED, single.stdout.str()  # cpu_shm at 8
     single.assert_outcomes(passed=15, failed=1)
 
     spread = pytester.runpytest_subprocess(
@@ -328,16 +272,14 @@ def test_a_failure_on_one_worker_and_timings_on_another_give_the_single_process_
     assert workers["test_exact.py"] != workers["test_timed.py"], "the premise: two workers"
 
     expected = _config(pytester.path / "single" / config)
-    assert expected[1] == "fast_wrong" and expected[8] == "slow_right", expected
-    # Bisection between 1 and 8 ran in the controller's own pool: its sizes are there too.
-    assert len(expected) > 2
+    assert set(expected.values()) == {"gloo"}, expected
     assert _config(pytester.path / "spread" / config) == expected
-    assert "allreduce: bisection: 1 size for tp2 h64 bfloat16 (4)" in output
+    assert "cpu_shm-tp2-h64-bfloat16 is kept out of the config" in output
 
-    # The controller wrote pytest-benchmark's records once, for every latency, bisection's
-    # included; workers wrote nothing of their own.
+    # The controller wrote pytest-benchmark's records once, for every latency; workers wrote
+    # nothing of their own.
     records = json.loads((pytester.path / "spread.json").read_text())["benchmarks"]
     ours = json.loads((pytester.path / "spread" / "benchmark.json").read_text())["benchmarks"]
     assert {r["fullname"] for r in records} == {r["fullname"] for r in ours}
-    assert len(records) == 2 * 2 * len(expected)  # backends x jobs x sizes
+    assert len(records) == 2 * 2 * 2  # backends x jobs x planned sizes
     assert re.search(r"^artifacts \(5 files\) in spread:$", output, re.M), output

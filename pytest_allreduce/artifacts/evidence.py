@@ -57,6 +57,8 @@ def _dtype_evidence(store: ResultStore, data: GroupData, selection: Selection | 
             "simplicity": store.variants[target.backend].simplicity
             if target.backend in store.variants
             else None,
+            # Why it may win nowhere in this config (a failure at any size, in any suite).
+            "disqualified": store.disqualification(target),
             "batch_sizes": per_size,
         }
     return {
