@@ -361,10 +361,12 @@ class AllreduceSession:
         identical = {True: ", token-identical", False: ", not token-identical"}.get(
             summary.get("token_identical"), ""
         )
+        p = summary.get("mcnemar_p")
+        mcnemar = "" if p is None else f", McNemar p {p:.3g}"
         self.progress(
             f"accuracy tp{verdict.world_size} {verdict.backend}: strict "
             f"{summary['accuracy_strict']:.3f}, flexible {summary['accuracy_flexible']:.3f} "
-            f"(n={summary['n']}){identical}, {summary['questions_per_s']:.1f} q/s, "
+            f"(n={summary['n']}){identical}{mcnemar}, {summary['questions_per_s']:.1f} q/s, "
             f"{summary['verdict']}"
         )
         if not verdict.passed:

@@ -54,5 +54,16 @@ class GSM8KRun:
         return len(self.questions)
 
     @property
+    def generation_s(self) -> float:
+        """Rank 0's prefill and decode time over every batch; the whole run's wall time for
+        runs without batch records (endpoints). Unlike `seconds` it leaves out what only the
+        first run of a session pays (loading the model into the ranks, reading the data)."""
+        if not self.batches:
+            return self.seconds
+        return sum(b.prefill_s + b.decode_s for b in self.batches)
+
+    @property
     def questions_per_s(self) -> float:
-        return self.n / self.seconds if self.seconds > 0 else float("inf")
+        """Questions answered per second of generation."""
+        seconds = self.generation_s
+        return self.n / seconds if seconds > 0 else float("inf")

@@ -103,6 +103,7 @@ class AccuracyVerdict:
             "accuracy_flexible": run.accuracy_flexible,
             "questions_per_s": run.questions_per_s,
             "seconds": run.seconds,
+            "generation_s": run.generation_s,
             "carried": self.result.carried,
             "reduces": self.result.reduces,
             "engaged": self.result.engaged,
