@@ -553,8 +553,9 @@ class AllreduceSession:
         # The keys the config will hold: a server routes every token count to one of them,
         # and between two keys that run the same backend nothing changes.
         winners = {bs: selection.choices[bs].backend_name for bs in selection.config_keys()}
-        measured = sorted(selection.choices)
-        for rows, routed_to in sizes_to_check(winners, end, measured):
+        # The plan's own sizes bound the unmeasured gaps (bisection's sizes only split a gap
+        # the plan already had, and each is checked where it was added).
+        for rows, routed_to in sizes_to_check(winners, end, self.plan.batch_sizes):
             winner = selection.choices[routed_to].backend_name
             case = Target(winner, key.world_size, key.hidden, key.dtype).at(rows)
             if not self._checked(case):
