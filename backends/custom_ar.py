@@ -13,9 +13,7 @@ from ._cuda_ipc import CustomAllReduceBase
 
 class CustomArBackend(CustomAllReduceBase):
     name = "custom_ar"
-    variants = (
-        VariantSpec(server_type="custom_allreduce", summary="sgl-kernel custom allreduce"),
-    )
+    variants = (VariantSpec(server_type="custom_allreduce", summary="sgl-kernel custom allreduce"),)
     library_module = "sgl_kernel.allreduce"
     package = "sgl-kernel"
     distribution = "sglang-kernel"

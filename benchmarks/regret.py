@@ -64,9 +64,7 @@ def time_candidates(
     device = "cuda" if pool.device_type == "cuda" else "cpu"
     plan = dataclasses.replace(timing.TimingPlan.for_device(device), samples=rounds * samples)
     names = sorted(works)
-    result = pool.run(
-        timing.measure_interleaved, [works[n] for n in names], rows, "fused", plan
-    )[0]
+    result = pool.run(timing.measure_interleaved, [works[n] for n in names], rows, "fused", plan)[0]
     return {
         name: cand.samples_us
         for name, cand in zip(names, result.candidates, strict=True)

@@ -80,15 +80,12 @@ def _check_crossover(config_path: Path) -> None:
     assert 1 in picks and 64 in picks, picks
 
 
-def test_refinement_puts_keys_on_both_sides_of_the_crossover(delayed: pytest.Pytester) -> None:
-    result = delayed.runpytest_subprocess(*ARGS, timeout=400)
-    assert result.ret == 0, result.stdout.str()
-    _check_crossover(delayed.path / CONFIG)
-
-
-def test_two_runs_of_one_plan_write_the_same_config(delayed: pytest.Pytester) -> None:
+def test_refinement_puts_keys_on_both_sides_of_the_crossover_the_same_in_two_runs(
+    delayed: pytest.Pytester,
+) -> None:
     first = delayed.runpytest_subprocess(*ARGS, timeout=400)
     assert first.ret == 0, first.stdout.str()
+    _check_crossover(delayed.path / CONFIG)
     text = (delayed.path / CONFIG).read_text()
     second = delayed.runpytest_subprocess(
         *ARGS[:-2], "--allreduce-output-dir=again", "--allreduce-timeout=60", timeout=400
