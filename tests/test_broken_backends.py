@@ -229,7 +229,7 @@ def test_a_hang_costs_one_timeout_and_skips_the_rest_of_that_size(tmp_path: Path
         "--allreduce-max-tokens=32",
         "--allreduce-hidden-sizes=512",
         "--allreduce-output-dir=out",
-        "--allreduce-timeout=20",
+        "--allreduce-timeout=10",
     )
     first = "test_numerics[exact_sum-hangs_at_32-tp2-h512-bfloat16-bs32]"
     assert run.failed_tests("hangs_at_32") == [first], run.output
