@@ -504,7 +504,9 @@ def paired_table(results: Sequence[FormatResult]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/gsm8k"))
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder with GSM8K's train.jsonl and test.jsonl"
+    )
     parser.add_argument("--limit", type=int, default=100, help="first N test questions")
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
     parser.add_argument("--batch", type=int, default=16, help="generation slots")
