@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import re
 import sys
@@ -50,6 +49,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from pytest_allreduce.accuracy.stats import wilson_interval
+
 NUM_SHOTS = 5
 QWEN_MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval gsm8k strict-match
@@ -57,7 +58,6 @@ FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # lm-eval gsm8k flexib
 NUMBER_RE = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
 BOXED = "\\boxed{"
 INVALID = "[invalid]"
-Z95 = 1.959963984540054
 
 Example = dict[str, str]
 Messages = list[dict[str, str]]
@@ -114,24 +114,12 @@ def flexible_answer(response: str) -> str:
     return normalise(groups[0]) if groups else INVALID
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value from the two discordant counts."""
+    from scipy.stats import binomtest
+
     n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -385,8 +373,8 @@ class FormatResult:
     questions: list[dict[str, Any]]
 
     def figures(self) -> dict[str, Any]:
-        strict_lo, strict_hi = wilson(self.strict, self.n)
-        flex_lo, flex_hi = wilson(self.flexible, self.n)
+        strict_lo, strict_hi = wilson_interval(self.strict, self.n)
+        flex_lo, flex_hi = wilson_interval(self.flexible, self.n)
         return {
             "format": self.name,
             "n": self.n,
@@ -468,8 +456,8 @@ def markdown_table(results: Sequence[FormatResult]) -> str:
         "|---|---:|---:|---|---:|---|---:|---:|---:|",
     ]
     for r in results:
-        s_lo, s_hi = wilson(r.strict, r.n)
-        f_lo, f_hi = wilson(r.flexible, r.n)
+        s_lo, s_hi = wilson_interval(r.strict, r.n)
+        f_lo, f_hi = wilson_interval(r.flexible, r.n)
         lines.append(
             f"| {r.name} | {r.n} | {percent(r.strict / r.n)} | {percent(s_lo)}–{percent(s_hi)} "
             f"| {percent(r.flexible / r.n)} | {percent(f_lo)}–{percent(f_hi)} "
