@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs the wheels carried in .whl/ (lm-eval and the parts of its stack the GPU image lacks,
-# plus gguf) into /tmp/site, the folder that .devkit/setup-on-device.sh puts on PYTHONPATH.
+# plus gguf) into the GPU kit's site folder (DEVKIT_SITE, set by tools/device-env.sh), which
+# is already on PYTHONPATH.
 # The GPU machine has no package index, so nothing is resolved there: the folder must already
 # hold every wheel, and the image supplies the rest (pyarrow, pandas, fsspec, huggingface-hub...).
-# A warm machine keeps /tmp/site, so later calls skip the install.
+# A warm machine keeps that folder, so later calls skip the install.
 #     bash tools/install-wheels.sh [WHEEL_FOLDER]      (default .whl)
 set -euo pipefail
 
 wheels=${1:-.whl}
-site=${SITE_DIR:-/tmp/site}
+site=${SITE_DIR:-${DEVKIT_SITE:?source tools/device-env.sh first, or set SITE_DIR}}
 python=${PYTHON:-python3}
 marker=$site/.wheels-ok
 
