@@ -216,20 +216,14 @@ def latency_figure(store: ResultStore, key: GroupKey, selection: Selection, dev:
     if any(selection.winner(rows) is None for rows in selection.batch_sizes):
         band_handles.append(Patch(facecolor=NO_WINNER_COLOR, hatch="//", label="no winner"))
 
-    if handles:
-        ax.legend(
-            handles=handles,
-            fontsize="small",
-            loc="upper left",
-            bbox_to_anchor=(1.08 if speedups else 1.01, 1.0),
-            title="latency",
-        )
-    if band_handles:
-        strip.legend(
-            handles=band_handles,
-            fontsize="small",
-            loc="upper left",
-            bbox_to_anchor=(1.08 if speedups else 1.01, 1.0),
-            title="config",
-        )
+    # Both legends right of the plot, clear of the speed-up axis when there is one.
+    for axes, entries, title in ((ax, handles, "latency"), (strip, band_handles, "config")):
+        if entries:
+            axes.legend(
+                handles=entries,
+                fontsize="small",
+                loc="upper left",
+                bbox_to_anchor=(1.08 if speedups else 1.01, 1.0),
+                title=title,
+            )
     return fig
