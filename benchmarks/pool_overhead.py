@@ -137,13 +137,13 @@ def test_file_source(n_tests: int) -> str:
         def test_000_warmup_and_sys_path(allreduce_session):
             # Starts the pool (not measured) and checks how the ranks find the rank module.
             assert HERE in sys.path, sys.path
-            files = allreduce_session.run(2, module_file)
+            files = allreduce_session.engine.call(2, module_file)
             assert [str(Path(f).resolve().parent) for f in files] == [HERE, HERE], files
 
 
         @pytest.mark.parametrize("i", range({n_tests}))
         def test_trivial(allreduce_session, i):
-            assert allreduce_session.run(2, trivial_allreduce) == [2.0, 2.0]
+            assert allreduce_session.engine.call(2, trivial_allreduce) == [2.0, 2.0]
         """
     )
     return head
@@ -317,7 +317,7 @@ def main() -> None:
     direct = measure_direct(args.tests)
     print(f"     per call: {direct.ms()}")
 
-    print(f"\n[1b] pytest: {args.tests} tests of allreduce_session.run(2, trivial_allreduce)")
+    print(f"\n[1b] pytest: {args.tests} tests of allreduce_session.engine.call(2, ...)")
     via_pytest = measure_pytest(args.tests)
     print(f"     per test (call phase, unrounded): {via_pytest.calls.ms()}")
     print(f"     per test (junitxml, call phase, 1 ms resolution): {via_pytest.junit_calls.ms()}")

@@ -174,34 +174,46 @@ def run_nccl_tests(command: list[str], settings: dict[str, str], drop: tuple[str
 
 
 def measure_ours(
-    device: str, backends: list[str], sizes: list[int], hidden: int, dtype: str, timeout: float
-) -> tuple[dict[int, dict[str, Any]], dict[str, Any], list[str]]:
-    """Per size: each backend's Latency (bare allreduce), timed together as the latency suite
-    times them. Returns (per size {backend: Latency}, the machine fingerprint, problems)."""
+    device: str,
+    backends: list[str],
+    sizes: list[int],
+    hidden: int,
+    dtype: str,
+    timeout: float,
+    clocks: list[str],
+) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, Any], list[str]]:
+    """Per timing plan (`clocks`: "" is the device's default, else a PYTEST_ALLREDUCE_TIMING
+    override such as "ops=50,launches=20"), per size: each backend's Latency (bare
+    allreduce), timed together as the latency suite times them; every plan at one size
+    before the next size, so drift over the run lands on all of them alike. Returns (per plan
+    per size {backend: Latency}, the machine fingerprint, problems)."""
     from pytest_allreduce.engine import standalone_engine
     from pytest_allreduce.model import Target
     from pytest_allreduce.timing import TimingPlan
 
     rows = [rows_for(n, hidden, dtype) for n in sizes]
     engine = standalone_engine(device, backends, 2, hidden, dtype, rows, timeout)
-    timing_plan = TimingPlan.for_device(engine.plan.device)
-    results: dict[int, dict[str, Any]] = {}
+    default = TimingPlan.for_device(engine.plan.device, {})
+    plans = {c: default.overridden(c) if c else default for c in clocks}
+    results: dict[str, dict[int, dict[str, Any]]] = {c: {} for c in clocks}
     problems = []
     try:
         for nbytes, r in zip(sizes, rows, strict=True):
             cases = [Target(b, 2, hidden, dtype).at(r) for b in backends]
-            outcome = engine.measure_interleaved(cases, "allreduce", timing_plan)
-            results[nbytes] = {lat.case.target.backend: lat for lat in outcome.latencies}
-            problems += [
-                f"{nbytes} B {c.target.backend} skipped: {why}"
-                for c, why in outcome.skipped.items()
-            ]
-            problems += [
-                f"{nbytes} B {c.target.backend} failed: {report}"
-                for c, report in outcome.failed.items()
-            ]
-            medians = ", ".join(f"{b} {lat.median_us:.2f}" for b, lat in results[nbytes].items())
-            print(f"ours {nbytes:>10} B: {medians} us", flush=True)
+            for clock, timing_plan in plans.items():
+                outcome = engine.measure_interleaved(cases, "allreduce", timing_plan)
+                per = {lat.case.target.backend: lat for lat in outcome.latencies}
+                results[clock][nbytes] = per
+                problems += [
+                    f"{nbytes} B {c.target.backend} skipped ({clock or 'default'}): {why}"
+                    for c, why in outcome.skipped.items()
+                ]
+                problems += [
+                    f"{nbytes} B {c.target.backend} failed ({clock or 'default'}): {report}"
+                    for c, report in outcome.failed.items()
+                ]
+                medians = ", ".join(f"{b} {lat.median_us:.2f}" for b, lat in per.items())
+                print(f"ours {nbytes:>10} B [{clock or 'default'}]: {medians} us", flush=True)
     finally:
         engine.close()
     return results, engine.store.machine, problems
@@ -218,44 +230,55 @@ def relative(ours: float | None, reference: float | None) -> str:
 
 def report(
     sizes: list[int],
-    reference: dict[int, NcclTestsRow],
-    defaults: dict[int, NcclTestsRow],
-    ours: dict[int, dict[str, Any]],
+    references: dict[str, dict[int, NcclTestsRow]],
+    ours: dict[str, dict[int, dict[str, Any]]],
     backends: list[str],
     title: str,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """(the docs JSON rows, the markdown lines)."""
+    """(the docs JSON rows, the markdown lines). `references`: the nccl-tests runs by label,
+    the first being the one every difference is taken against; `ours`: per timing plan ("" the
+    default, whose figures are the JSON's `<backend>_us`; the others go under `clocks`)."""
     records = []
-    heads = ["bytes", "nccl-tests -G (us)"]
-    if defaults:
-        heads.append("nccl-tests -G, NCCL defaults (us)")
-    for b in backends:
-        heads += [f"{b} (us)", f"{b} vs nccl-tests"]
-    lines = [title, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    over_goal = []
-    for nbytes in sizes:
-        ref = reference[nbytes].oop_us if nbytes in reference else None
-        record: dict[str, Any] = {"bytes": nbytes, "nccl_tests_us": ref}
-        cells = [str(nbytes), f"{ref:.2f}" if ref is not None else "-"]
-        if defaults:
-            default = defaults.get(nbytes)
-            cells.append(f"{default.oop_us:.2f}" if default else "-")
+    ref_label = next(iter(references))
+    heads = ["bytes"] + [f"nccl-tests {label} (us)" for label in references]
+    for clock in ours:
         for b in backends:
-            lat = ours.get(nbytes, {}).get(b)
-            median = round(lat.median_us, 3) if lat is not None else None
-            record[f"{b}_us"] = median
-            cells += [f"{median:.2f}" if median is not None else "-", relative(median, ref)]
-            raw = b == RAW_NCCL_BACKEND and median is not None and ref
-            if raw and abs(median - ref) / ref > GOAL:
-                over_goal.append(f"{nbytes} B ({relative(median, ref)})")
+            suffix = f" [{clock}]" if clock else ""
+            heads += [f"{b}{suffix} (us)", f"{b}{suffix} vs nccl-tests"]
+    lines = [title, "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    over_goal: dict[str, list[str]] = {clock: [] for clock in ours}
+    for nbytes in sizes:
+        ref_row = references[ref_label].get(nbytes)
+        ref = ref_row.oop_us if ref_row else None
+        record: dict[str, Any] = {"bytes": nbytes, "nccl_tests_us": ref}
+        cells = [str(nbytes)]
+        for label, rows in references.items():
+            row = rows.get(nbytes)
+            cells.append(f"{row.oop_us:.2f}" if row else "-")
+            if label != ref_label:
+                record.setdefault("nccl_tests_other_us", {})[label] = row.oop_us if row else None
+        for clock, per_size in ours.items():
+            for b in backends:
+                lat = per_size.get(nbytes, {}).get(b)
+                median = round(lat.median_us, 3) if lat is not None else None
+                if clock:
+                    record.setdefault("clocks", {}).setdefault(clock, {})[f"{b}_us"] = median
+                else:
+                    record[f"{b}_us"] = median
+                cells += [f"{median:.2f}" if median is not None else "-", relative(median, ref)]
+                raw = b == RAW_NCCL_BACKEND and median is not None and ref
+                if raw and abs(median - ref) / ref > GOAL:
+                    over_goal[clock].append(f"{nbytes} B ({relative(median, ref)})")
         records.append(record)
         lines.append("| " + " | ".join(cells) + " |")
     if RAW_NCCL_BACKEND in backends:
-        lines += [
-            "",
-            f"Goal: {RAW_NCCL_BACKEND} within {GOAL:.0%} of nccl-tests -G at every size: "
-            + ("met." if not over_goal else f"NOT met at {', '.join(over_goal)}."),
-        ]
+        lines.append("")
+        for clock, over in over_goal.items():
+            lines.append(
+                f"Goal: {RAW_NCCL_BACKEND} [{clock or 'default timing'}] within {GOAL:.0%} of "
+                f"nccl-tests {ref_label} at every size: "
+                + ("met." if not over else f"NOT met at {', '.join(over)}.")
+            )
     return records, lines
 
 
@@ -282,6 +305,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="skip the second nccl-tests run under NCCL's defaults",
     )
+    parser.add_argument(
+        "--threads-run",
+        action="store_true",
+        help="also run nccl-tests with one thread per GPU (-t 2 -g 1), each launching its own",
+    )
+    parser.add_argument(
+        "--also-timing",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also time our side under this plan override (PYTEST_ALLREDUCE_TIMING syntax, "
+        "e.g. 'ops=50,launches=20,samples=8'); repeatable",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on one rank call")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args(argv)
@@ -296,6 +332,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.sizes:
         parser.error("--min-bytes is above --max-bytes")
     args.backends = [b for b in args.backends.split(",") if b]
+    from pytest_allreduce.timing import TimingPlan
+
+    for spec in args.also_timing:
+        try:
+            TimingPlan.for_device(args.device, {}).overridden(spec)
+        except ValueError as exc:
+            parser.error(f"--also-timing {spec!r}: {exc}")
     return args
 
 
@@ -305,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
     run: dict[str, Any] = {"argv": sys.argv if argv is None else argv}
-    defaults_rows: dict[int, NcclTestsRow] = {}
+    others: dict[str, dict[int, NcclTestsRow]] = {}
     if args.nccl_tests_output is not None:
         text = args.nccl_tests_output.read_text()
         run["nccl_tests"] = {"source": str(args.nccl_tests_output), "output": text}
@@ -315,9 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = rank_settings(dict(os.environ))  # what the plugin's ranks add
         text = run_nccl_tests(command, settings)
         run["nccl_tests"] = {"command": command, "settings": settings, "output": text}
+        if args.threads_run:
+            # One thread per GPU, each launching its own graph, as our ranks do (one process
+            # each): shows what the launch arrangement alone changes.
+            threaded = [command[0], "-t", "2", "-g", "1", *command[3:]]
+            threaded_text = run_nccl_tests(threaded, settings)
+            others["-G -t 2 -g 1"] = {r.bytes: r for r in parse_all_reduce_perf(threaded_text)}
+            run["nccl_tests_threads"] = {"command": threaded, "output": threaded_text}
         if not args.no_defaults_run:
             default_text = run_nccl_tests(command, {}, drop=(NCCL_GRAPH_MIXING,))
-            defaults_rows = {r.bytes: r for r in parse_all_reduce_perf(default_text)}
+            others["-G, NCCL defaults"] = {r.bytes: r for r in parse_all_reduce_perf(default_text)}
             run["nccl_tests_defaults"] = {"command": command, "output": default_text}
     reference = {r.bytes: r for r in parse_all_reduce_perf(text)}
     problems = [
@@ -325,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in reference.values()
         if r.oop_wrong
     ]
+    clocks = ["", *args.also_timing]
     ours, machine, our_problems = measure_ours(
-        args.device, args.backends, args.sizes, args.hidden, args.dtype, args.timeout
+        args.device, args.backends, args.sizes, args.hidden, args.dtype, args.timeout, clocks
     )
     problems += our_problems
     device = machine.get("device_name", args.device)
@@ -335,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         f"NCCL {machine.get('nccl_version', '?')}, torch {machine.get('torch_version', '?')}, "
         f"{args.dtype}, hidden {args.hidden}, out of place)"
     )
-    records, lines = report(args.sizes, reference, defaults_rows, ours, args.backends, title)
+    references = {"-G": reference, **others}
+    records, lines = report(args.sizes, references, ours, args.backends, title)
     lines += [f"- problem: {p.splitlines()[0]}" for p in problems]
     lines.append(f"\n({time.monotonic() - began:.0f} s)")
     print("\n".join(lines))
@@ -346,16 +398,19 @@ def main(argv: list[str] | None = None) -> int:
         machine=machine,
         reference=[asdict(r) for r in reference.values()],
         ours={
-            str(n): {
-                b: {
-                    "samples_us": lat.samples_us,
-                    "ops_per_sample": lat.ops_per_sample,
-                    "clock": lat.clock,
-                    "engaged": lat.engaged,
+            clock or "default": {
+                str(n): {
+                    b: {
+                        "samples_us": lat.samples_us,
+                        "ops_per_sample": lat.ops_per_sample,
+                        "clock": lat.clock,
+                        "engaged": lat.engaged,
+                    }
+                    for b, lat in per.items()
                 }
-                for b, lat in per.items()
+                for n, per in per_size.items()
             }
-            for n, per in ours.items()
+            for clock, per_size in ours.items()
         },
         problems=problems,
     )

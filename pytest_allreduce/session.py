@@ -363,11 +363,18 @@ class AllreduceSession:
         )
         p = summary.get("mcnemar_p")
         mcnemar = "" if p is None else f", McNemar p {p:.3g}"
+        # In-process runs say where the time went; an endpoint's run has only its wall time.
+        split = (
+            f"prefill {summary['prefill_s']:.1f} s, {summary['decode_steps']} decode steps "
+            f"{summary['decode_s']:.1f} s, "
+            if summary.get("decode_steps")
+            else ""
+        )
         self.progress(
             f"accuracy tp{verdict.world_size} {verdict.backend}: strict "
             f"{summary['accuracy_strict']:.3f}, flexible {summary['accuracy_flexible']:.3f} "
-            f"(n={summary['n']}){identical}{mcnemar}, {summary['questions_per_s']:.1f} q/s, "
-            f"{summary['verdict']}"
+            f"(n={summary['n']}){identical}{mcnemar}, {summary['questions_per_s']:.1f} q/s "
+            f"({split}wall {summary['seconds']:.1f} s), {summary['verdict']}"
         )
         if not verdict.passed:
             self.store.disqualify(

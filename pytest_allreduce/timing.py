@@ -72,6 +72,10 @@ class TimingPlan:
     ops_per_sample: int  # ops per graph (CUDA) or per timed loop (CPU)
     warmup: int  # untimed rounds first (graph upload, caches, the sleep's calibration)
     instances: int  # per candidate; round r uses instance r % instances
+    # Replays of the same instance back to back between one pair of marks, as nccl-tests -G
+    # launches one graph many times per timing: a sample then covers ops_per_sample x
+    # launches ops, the steady state of a stream that never drains between graphs.
+    launches: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -98,9 +102,9 @@ class TimingPlan:
 
     def overridden(self, text: str) -> TimingPlan:
         """This plan with fields replaced from "key=value,..." (keys: samples, ops, warmup,
-        instances); ValueError naming TIMING_ENV and the bad part otherwise."""
+        instances, launches); ValueError naming TIMING_ENV and the bad part otherwise."""
         names = {"samples": "samples", "ops": "ops_per_sample", "warmup": "warmup"}
-        names["instances"] = "instances"
+        names |= {"instances": "instances", "launches": "launches"}
         changes: dict[str, int] = {}
         for part in text.split(","):
             key, sep, value = part.partition("=")
@@ -180,8 +184,10 @@ def time_rounds(
     replays: Sequence[Sequence[Callable[[], None]]],
     round_indexes: Sequence[int],
     ops_per_sample: int,
+    launches: int = 1,
 ) -> dict[int, RoundTimes]:
-    """Time the given rounds on this rank; replays[c][i] is candidate c's instance i."""
+    """Time the given rounds on this rank; replays[c][i] is candidate c's instance i, run
+    `launches` times between one pair of marks."""
     times: dict[int, RoundTimes] = {}
     for r in round_indexes:
         order = rotation(len(replays), r)
@@ -190,13 +196,15 @@ def time_rounds(
         for c in order:
             instances = replays[c]
             clock.align()
+            replay = instances[r % len(instances)]
             start = clock.mark()
-            instances[r % len(instances)]()
+            for _ in range(launches):
+                replay()
             pairs.append((start, clock.mark()))
         elapsed, host_us = clock.end_round(pairs)
         per_op = [0.0] * len(replays)
         for c, us in zip(order, elapsed, strict=True):
-            per_op[c] = us / ops_per_sample
+            per_op[c] = us / (ops_per_sample * launches)
         times[r] = RoundTimes(per_op, host_us)
     return times
 
@@ -214,17 +222,21 @@ def run_rounds(
     rank's per-op samples per candidate (round order) and how many rounds stayed late.
     """
     device_paced = math.isfinite(clock.sleep_us)  # the same on every rank
+
+    def rounds(indexes: Sequence[int]) -> dict[int, RoundTimes]:
+        return time_rounds(clock, replays, indexes, plan.ops_per_sample, plan.launches)
+
     if plan.warmup:
-        warm = time_rounds(clock, replays, range(-plan.warmup, 0), plan.ops_per_sample)
+        warm = rounds(range(-plan.warmup, 0))
         if device_paced:
             # The last warm-up round: the first one also pays for uploading every graph.
             clock.calibrate(max(gather(warm[-1].host_us)))
-    timed = time_rounds(clock, replays, range(plan.samples), plan.ops_per_sample)
+    timed = rounds(range(plan.samples))
     still: list[int] = []
     if device_paced and (late := sorted(set().union(*gather(_late(clock, timed))))):
         # Late rounds are timed again after the slowest queueing seen, doubled.
         clock.calibrate(max(gather(max(timed[r].host_us for r in late))))
-        timed.update(time_rounds(clock, replays, late, plan.ops_per_sample))
+        timed.update(rounds(late))
         still = sorted(set().union(*gather(_late(clock, {r: timed[r] for r in late}))))
     samples = [[timed[r].per_op_us[c] for r in range(plan.samples)] for c in range(len(replays))]
     return samples, len(still)
@@ -518,7 +530,7 @@ def measure_interleaved(
     buf = candidates[0].buffers[0]
     return InterleavedTiming(
         candidates=result,
-        ops_per_sample=plan.ops_per_sample,
+        ops_per_sample=plan.ops_per_sample * plan.launches,
         message_bytes=buf.inp.numel() * buf.inp.element_size(),
         sleep_us=clock.sleep_us if ctx.is_cuda else None,
         late_rounds=late,

@@ -87,34 +87,56 @@ def test_report_flags_the_raw_nccl_path_beyond_five_percent() -> None:
         8192: {"pynccl": SimpleNamespace(median_us=7.0), "nccl": SimpleNamespace(median_us=8.5)},
         16384: {"pynccl": SimpleNamespace(median_us=7.7)},
     }
-    records, lines = vs.report(sizes, reference, {}, ours, ["pynccl", "nccl"], "# title")
+    steady = {8192: {"pynccl": SimpleNamespace(median_us=6.9)}}
+    references = {"-G": reference, "-t 2": {8192: reference[8192]}}
+    clocks = {"": ours, "launches=20": steady}
+    records, lines = vs.report(sizes, references, clocks, ["pynccl", "nccl"], "# title")
     assert records == [
-        {"bytes": 8192, "nccl_tests_us": 6.76, "pynccl_us": 7.0, "nccl_us": 8.5},
-        {"bytes": 16384, "nccl_tests_us": 7.0, "pynccl_us": 7.7, "nccl_us": None},
+        {
+            "bytes": 8192, "nccl_tests_us": 6.76, "pynccl_us": 7.0, "nccl_us": 8.5,
+            "nccl_tests_other_us": {"-t 2": 6.76},
+            "clocks": {"launches=20": {"pynccl_us": 6.9, "nccl_us": None}},
+        },
+        {
+            "bytes": 16384, "nccl_tests_us": 7.0, "pynccl_us": 7.7, "nccl_us": None,
+            "nccl_tests_other_us": {"-t 2": None},
+            "clocks": {"launches=20": {"pynccl_us": None, "nccl_us": None}},
+        },
+    ]  # fmt: skip
+    assert "| 8192 | 6.76 | 6.76 | 7.00 | +3.6% | 8.50 | +25.7% | 6.90 | +2.1% | - | - |" in lines
+    assert lines[-2:] == [
+        "Goal: pynccl [default timing] within 5% of nccl-tests -G at every size: "
+        "NOT met at 16384 B (+10.0%).",
+        "Goal: pynccl [launches=20] within 5% of nccl-tests -G at every size: met.",
     ]
-    assert "| 8192 | 6.76 | 7.00 | +3.6% | 8.50 | +25.7% |" in lines
-    assert (
-        lines[-1]
-        == "Goal: pynccl within 5% of nccl-tests -G at every size: NOT met at 16384 B (+10.0%)."
-    )
 
 
 def test_vs_nccl_tests_on_the_cpu_writes_the_docs_json(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "vs_nccl_tests.py"), "--device", "cpu",
          "--backends", "gloo,cpu_shm", "--nccl-tests-output", str(SAMPLE),
-         "--max-bytes", "16K", "--out", str(tmp_path)],
+         "--max-bytes", "16K", "--out", str(tmp_path), "--also-timing", "launches=3,samples=4"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     records = json.loads((tmp_path / "vs-nccl-tests.json").read_text())
-    assert [set(r) for r in records] == [{"bytes", "nccl_tests_us", "gloo_us", "cpu_shm_us"}] * 2
+    keys = {"bytes", "nccl_tests_us", "gloo_us", "cpu_shm_us", "clocks"}
+    assert [set(r) for r in records] == [keys] * 2
     assert [(r["bytes"], r["nccl_tests_us"]) for r in records] == [(8192, 6.76), (16384, 7.0)]
     assert all(r["gloo_us"] > 0 and r["cpu_shm_us"] > 0 for r in records)
+    assert all(r["clocks"]["launches=3,samples=4"]["gloo_us"] > 0 for r in records)
     run = json.loads((tmp_path / "vs-nccl-tests-run.json").read_text())
-    # Timed with the latency suite's code: the CPU plan's samples, interleaved, wall clock.
-    assert {lat["clock"] for per in run["ours"].values() for lat in per.values()} == {"wall_clock"}
-    assert all(len(lat["samples_us"]) == 8 for per in run["ours"].values() for lat in per.values())
+    # Timed with the latency suite's code: the CPU plan's samples, interleaved, wall clock;
+    # the extra plan's samples each cover its 3 launches.
+    default, steady = run["ours"]["default"], run["ours"]["launches=3,samples=4"]
+    lats = [lat for plan in (default, steady) for per in plan.values() for lat in per.values()]
+    assert {lat["clock"] for lat in lats} == {"wall_clock"}
+    assert all(len(lat["samples_us"]) == 8 for per in default.values() for lat in per.values())
+    assert all(
+        (len(lat["samples_us"]), lat["ops_per_sample"]) == (4, 3)
+        for per in steady.values()
+        for lat in per.values()
+    )
     assert (tmp_path / "vs-nccl-tests.md").read_text().count("\n| 8192 |") == 1
 
 

@@ -159,6 +159,20 @@ def test_aligned_samples_are_the_op_time_whatever_the_skew_and_op_count(ops: int
         assert samples[c] == pytest.approx([op] * plan.samples, rel=1e-12)
 
 
+def test_launches_per_sample_divide_the_span_by_every_op_run() -> None:
+    # nccl-tests' shape (one graph launched several times per timing): each sample covers
+    # ops x launches ops, every launch of the round's instance, and is still the op time.
+    op_us = [6.5, 9.25]
+    plan = TimingPlan(samples=4, ops_per_sample=10, warmup=1, instances=2, launches=3)
+    samples, _, logs, _ = _run_ranks(plan, op_us, lambda d, r: FakeClock(d, r, _skewed))
+    for c, op in enumerate(op_us):
+        assert samples[c] == pytest.approx([op] * plan.samples, rel=1e-12)
+    first_round = logs[0][: len(op_us) * plan.launches]
+    # Warm-up round -1: candidate 1 goes first (rotation), instance 1 (-1 % 2), 3 times each.
+    assert first_round == [(1, 1)] * 3 + [(0, 1)] * 3
+    assert len(logs[0]) == (plan.warmup + plan.samples) * len(op_us) * plan.launches
+
+
 def test_without_alignment_the_skew_lands_in_the_samples() -> None:
     # The control: the same simulated skew, with the clock's alignment switched off, shows up
     # as skew / ops on every sample, so the test above would catch a lost alignment.
@@ -251,8 +265,8 @@ def test_plan_defaults_and_the_environment_override() -> None:
     cuda = TimingPlan.for_device("cuda", {})
     cpu = TimingPlan.for_device("cpu", {})
     assert cuda.instances > 1 and cuda.ops_per_sample > 1 and cpu.instances == 1
-    changed = TimingPlan.for_device("cuda", {TIMING_ENV: "ops=1000, samples=10"})
-    assert (changed.ops_per_sample, changed.samples) == (1000, 10)
+    changed = TimingPlan.for_device("cuda", {TIMING_ENV: "ops=1000, samples=10, launches=2"})
+    assert (changed.ops_per_sample, changed.samples, changed.launches) == (1000, 10, 2)
     assert (changed.warmup, changed.instances) == (cuda.warmup, cuda.instances)
 
 
@@ -261,7 +275,8 @@ def test_plan_defaults_and_the_environment_override() -> None:
     [
         ("ops=0", "ops_per_sample must be an integer >= 1"),
         ("samples=ten", "bad part 'samples=ten'"),
-        ("replays=3", "bad part 'replays=3'"),
+        ("rounds=3", "bad part 'rounds=3'"),
+        ("launches=0", "launches must be an integer >= 1"),
         ("ops", "bad part 'ops'"),
         ("warmup=-1", "warmup must be an integer >= 0"),
     ],

@@ -9,13 +9,17 @@
 #                    (.model/gsm8k/ -> /tmp/gsm8k), the machine's facts
 #   chunk:DIR        one chunk of the model (tools/chunk-step.sh DIR)
 #   smoke            the accuracy suite on the tiny model, every backend, CUDA graphs
-#   main1, main2     the default main job (hidden 4096, world size 2), timed, twice
+#   main1, main2     the default main job (hidden 4096, world size 2), timed, twice, with
+#                    benchmarks/phase_timer.py's line of where the time went
+#                    (PYTEST_ALLREDUCE_TIMING, when set, overrides the timing plan)
 #   regret           benchmarks/regret.py on main1's config, 1..8192 tokens
-#   versus           benchmarks/vs_nccl_tests.py (builds nccl-tests from .tools/nccl-tests)
+#   versus           benchmarks/vs_nccl_tests.py (builds nccl-tests from .tools/nccl-tests), our
+#                    side also under nccl-tests' shape (50 ops x 20 launches per sample) and
+#                    4 launches per sample, nccl-tests also with one thread per GPU
 #   probe            benchmarks/pynccl_probe.py
 #   invariance       benchmarks/timing_invariance.py
-#   gsm8k            the accuracy suite on the joined GGUF, every backend, all 1319 questions
-#                    (GSM8K_LIMIT_S bounds it, default 540 s)
+#   gsm8k            the accuracy suite on the joined GGUF, all 1319 questions, every backend
+#                    or those GSM8K_BACKENDS names (GSM8K_LIMIT_S bounds it, default 540 s)
 #
 # Everything is written under /tmp/gpu-work, which a warm machine keeps between calls; at the
 # end the whole folder goes to $OUT as one archive (the device tool returns at most 8 files).
@@ -41,7 +45,8 @@ main_job() {  # main_job NAME: the README's main command, from an empty folder, 
     local name=$1
     rm -rf "${work:?}/$name"
     mkdir -p "$work/$name"
-    cd "$work/$name" && python3 -m pytest --pyargs pytest_allreduce.suites -p no:cacheprovider \
+    cd "$work/$name" && PYTHONPATH="$here/benchmarks:${PYTHONPATH:-}" python3 -m pytest \
+        --pyargs pytest_allreduce.suites -p no:cacheprovider -p phase_timer \
         -rfE --durations=30 --allreduce-output-dir="$work/$name/out"
 }
 
@@ -74,7 +79,7 @@ for what in "$@"; do
                 --allreduce-output-dir=$work/smoke/out" ;;
         main1 | main2)
             source tools/device-env.sh || exit 3
-            step "$what" 420 bash -c "$(declare -f main_job); work=$work; main_job $what" ;;
+            step "$what" 420 bash -c "$(declare -f main_job); work=$work; here=$here; main_job $what" ;;
         regret)
             source tools/device-env.sh || exit 3
             config=$(ls "$work"/main1/out/tp2/allreduce_config_hidden=4096,device=*.json | grep -v ',tp=' | head -1)
@@ -82,8 +87,9 @@ for what in "$@"; do
                 --json "$work/regret-h4096.json" ;;
         versus)
             source tools/device-env.sh || exit 3
-            step versus 360 python3 benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests \
-                --out "$work/versus" ;;
+            step versus 480 python3 benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests \
+                --threads-run --also-timing ops=50,launches=20,samples=8 \
+                --also-timing launches=4,samples=8 --out "$work/versus" ;;
         probe)
             source tools/device-env.sh || exit 3
             step probe 240 python3 benchmarks/pynccl_probe.py --out "$work/probe" ;;
@@ -96,6 +102,7 @@ for what in "$@"; do
             step gsm8k "${GSM8K_LIMIT_S:-540}" bash -c "mkdir -p $work/gsm8k && cd $work/gsm8k && python3 -m pytest \
                 --pyargs pytest_allreduce.suites -k accuracy -p no:cacheprovider -rfEs \
                 --durations=20 --allreduce-model=/tmp/model/model.gguf \
+                ${GSM8K_BACKENDS:+--allreduce-backends=$GSM8K_BACKENDS} \
                 --allreduce-gsm8k-data=/tmp/gsm8k --allreduce-output-dir=$work/gsm8k/out" ;;
         *)
             echo "unknown step $what"; status=2 ;;

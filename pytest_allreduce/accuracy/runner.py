@@ -104,6 +104,10 @@ class AccuracyVerdict:
             "questions_per_s": run.questions_per_s,
             "seconds": run.seconds,
             "generation_s": run.generation_s,
+            # Where generation time goes (rank 0, in-process runs): prompts vs decode steps.
+            "prefill_s": sum(b.prefill_s for b in run.batches),
+            "decode_s": sum(b.decode_s for b in run.batches),
+            "decode_steps": sum(b.decode_steps for b in run.batches),
             "carried": self.result.carried,
             "reduces": self.result.reduces,
             "engaged": self.result.engaged,
