@@ -99,11 +99,14 @@ for what in "$@"; do
         gsm8k)
             source tools/device-env.sh || exit 3
             # The joined model (the chunk:... step of the same call joins the last chunk).
-            step gsm8k "${GSM8K_LIMIT_S:-540}" bash -c "mkdir -p $work/gsm8k && cd $work/gsm8k && python3 -m pytest \
+            # GSM8K_NAME (default gsm8k) names the log and folder, so that runs of several
+            # backend groups in back-to-back calls keep their own.
+            name=${GSM8K_NAME:-gsm8k}
+            step "$name" "${GSM8K_LIMIT_S:-540}" bash -c "mkdir -p $work/$name && cd $work/$name && python3 -m pytest \
                 --pyargs pytest_allreduce.suites -k accuracy -p no:cacheprovider -rfEs \
                 --durations=20 --allreduce-model=/tmp/model/model.gguf \
                 ${GSM8K_BACKENDS:+--allreduce-backends=$GSM8K_BACKENDS} \
-                --allreduce-gsm8k-data=/tmp/gsm8k --allreduce-output-dir=$work/gsm8k/out" ;;
+                --allreduce-gsm8k-data=/tmp/gsm8k --allreduce-output-dir=$work/$name/out" ;;
         *)
             echo "unknown step $what"; status=2 ;;
     esac
