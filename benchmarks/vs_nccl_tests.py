@@ -311,6 +311,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run nccl-tests with one thread per GPU (-t 2 -g 1), each launching its own",
     )
     parser.add_argument(
+        "--nccl-tests-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also run nccl-tests with this NCCL variable set on top of the ranks' settings "
+        "(e.g. NCCL_P2P_DIRECT_DISABLE=1: one process driving both GPUs lets NCCL pass direct "
+        "pointers between them, which separate rank processes never get); repeatable, one run "
+        "each",
+    )
+    parser.add_argument(
         "--also-timing",
         action="append",
         default=[],
@@ -332,6 +342,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.sizes:
         parser.error("--min-bytes is above --max-bytes")
     args.backends = [b for b in args.backends.split(",") if b]
+    for setting in args.nccl_tests_env:
+        name, sep, value = setting.partition("=")
+        if not sep or not name.startswith("NCCL_") or not value:
+            parser.error(f"--nccl-tests-env {setting!r}: expected NCCL_NAME=VALUE")
     from pytest_allreduce.timing import TimingPlan
 
     for spec in args.also_timing:
@@ -365,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
             threaded_text = run_nccl_tests(threaded, settings)
             others["-G -t 2 -g 1"] = {r.bytes: r for r in parse_all_reduce_perf(threaded_text)}
             run["nccl_tests_threads"] = {"command": threaded, "output": threaded_text}
+        for setting in args.nccl_tests_env:
+            name, _, value = setting.partition("=")
+            extra_text = run_nccl_tests(command, {**settings, name: value})
+            others[f"-G, {setting}"] = {r.bytes: r for r in parse_all_reduce_perf(extra_text)}
+            extra_run = {"command": command, "output": extra_text}
+            run.setdefault("nccl_tests_env", {})[setting] = extra_run
         if not args.no_defaults_run:
             default_text = run_nccl_tests(command, {}, drop=(NCCL_GRAPH_MIXING,))
             others["-G, NCCL defaults"] = {r.bytes: r for r in parse_all_reduce_perf(default_text)}
