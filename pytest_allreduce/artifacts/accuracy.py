@@ -37,6 +37,11 @@ def summary(results: Mapping[str, dict[str, Any]], model: Mapping[str, Any]) -> 
                 "first_divergence": r.get("first_divergence"),
                 "carried": r["carried"],
                 "questions_per_s": r["questions_per_s"],
+                # Seconds: generation (prefill + decode, rank 0) and the run's wall time.
+                "generation_s": r.get("generation_s"),
+                "prefill_s": r.get("prefill_s"),
+                "decode_s": r.get("decode_s"),
+                "wall_s": r.get("seconds"),
                 "problems": r["problems"],
             }
             for name, r in results.items()
