@@ -670,7 +670,8 @@ def refinement_points(selection: Selection, measured: Iterable[int], largest: in
     - both sides of every consumer size limit below `largest`;
     - the midpoint of every pair of neighbouring considered sizes that run different things
       (a size without a winner counts as its own value, so the edge of a region nobody
-      covers is located too), while the pair is wider than the resolution;
+      covers is located too), while the pair is wider than the resolution and the change
+      between them is resolved (`change_resolved`);
     - the midpoints of the gaps beside a narrow win (see `Selection.narrow_wins`), so that
       a real speed-up gets neighbours that can confirm it, under the same resolution.
     """
@@ -678,7 +679,9 @@ def refinement_points(selection: Selection, measured: Iterable[int], largest: in
     splits = set()
     sizes = selection.batch_sizes
     for lo, hi in itertools.pairwise(sizes):
-        if _what_runs(selection, lo) != _what_runs(selection, hi):
+        if _what_runs(selection, lo) != _what_runs(selection, hi) and change_resolved(
+            selection, lo, hi
+        ):
             splits.add((lo + hi) // 2)
     for rows in selection.narrow_wins:
         i = sizes.index(rows)
@@ -689,6 +692,33 @@ def refinement_points(selection: Selection, measured: Iterable[int], largest: in
     points = {p for p in splits if worth_splitting(measured, p)}
     points |= set(stop_points(selection, largest))
     return sorted(points - measured)
+
+
+def change_resolved(selection: Selection, lo: int, hi: int) -> bool:
+    """Whether the change of choice between neighbouring sizes `lo` and `hi` is beyond noise:
+    the log ratio of the two chosen entries moves between the sizes by more than Z times the
+    noise of the two sizes' ratios (`NoiseModel.size_variance`).
+
+    Where it does not, the data cannot tell where between the two sizes one entry overtakes
+    the other, and a midpoint would be decided by noise alone: bisection there only moves the
+    config's keys from run to run (it did on the CPU, by up to 520 tokens between runs).
+    The keys stay on the two measured sizes, whose choices stand. A change with no ratio to
+    test (a size without a winner, one entry on both sides whose run changes, an entry not
+    timed at both sizes) is always taken as resolved."""
+    first, second = selection.choices.get(lo), selection.choices.get(hi)
+    model = selection.noise
+    if first is None or second is None or model is None or first.entry == second.entry:
+        return True  # no winner on one side, or one entry whose run changes (a limit)
+    ratios = []
+    for rows in (lo, hi):
+        timed = {t.entry: t for t in selection.timings.get(rows, ()) if t.eligible}
+        a, b = timed.get(first.entry), timed.get(second.entry)
+        if a is None or b is None or not a.median_us or not b.median_us:
+            return True
+        variance = model.size_variance(a.se, b.se, a.run.variant, b.run.variant)
+        ratios.append((math.log(b.median_us / a.median_us), variance))
+    (at_lo, var_lo), (at_hi, var_hi) = ratios
+    return abs(at_lo - at_hi) > noise.Z * math.sqrt(var_lo + var_hi)
 
 
 def worth_splitting(measured: Iterable[int], point: int) -> bool:

@@ -420,6 +420,38 @@ def test_entries_never_run_what_the_consumer_does_not() -> None:
 # ---- refinement ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("jitter", [0.0, 0.3])
+def test_refinement_bisects_a_crossover_only_where_the_change_is_beyond_noise(
+    jitter: float,
+) -> None:
+    # cpu_shm twice as fast as gloo up to 1008 rows, 10% slower at 2048. Measured cleanly the
+    # change between the two sizes (ln 2 + ln 1.1) is far beyond noise and bisection splits
+    # the gap; with every other size's medians off by up to 30% (this session's roughness,
+    # about 0.2 per backend as on the 2-core CPU) the same change is within the noise of two
+    # sizes, a midpoint would be decided by noise, and the keys stay on 1008 and 2048.
+    sizes = [*range(32, 512, 8), 1008, 2048]
+    rng = np.random.default_rng(7)
+    wobble = {
+        (name, bs): float(np.exp(rng.uniform(-jitter, jitter)))
+        for name in ("gloo", "cpu_shm")
+        for bs in sizes[:-2]
+    }
+
+    def gloo(bs: int) -> float:
+        return 100.0 * wobble.get(("gloo", bs), 1.0)
+
+    def shm(bs: int) -> float:
+        return (50.0 if bs <= 1008 else 110.0) * wobble.get(("cpu_shm", bs), 1.0)
+
+    store = cpu_store()
+    fill(store, {"gloo": gloo, "cpu_shm": shm}, sizes)
+    result = sel.select(store, KEY)
+    assert picks(result)[1008] == "cpu_shm" and picks(result)[2048] == "gloo"
+    resolved = sel.change_resolved(result, 1008, 2048)
+    assert resolved == (jitter == 0.0)
+    assert (1528 in sel.refinement_points(result, sizes, 2048)) == resolved
+
+
 def test_refinement_puts_keys_beside_every_consumer_stop() -> None:
     store = gpu_store()
     fill(store, {"custom_ar": 10.0, "pynccl": 10.0, "flashinfer_fusion_one_shot": 30.0}, [1, 8192])
