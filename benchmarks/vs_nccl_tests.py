@@ -182,8 +182,9 @@ def measure_ours(
     timeout: float,
     clocks: list[str],
 ) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, Any], list[str]]:
-    """Per timing plan (`clocks`: "" is the device's default, else a PYTEST_ALLREDUCE_TIMING
-    override such as "ops=50,launches=20"), per size: each backend's Latency (bare
+    """Per timing plan (`clocks`: "" is the plan the latency suite would run, the device's
+    default or PYTEST_ALLREDUCE_TIMING; else an override of it such as
+    "ops=50,launches=20"), per size: each backend's Latency (bare
     allreduce), timed together as the latency suite times them; every plan at one size
     before the next size, so drift over the run lands on all of them alike. Returns (per plan
     per size {backend: Latency}, the machine fingerprint, problems)."""
@@ -193,7 +194,7 @@ def measure_ours(
 
     rows = [rows_for(n, hidden, dtype) for n in sizes]
     engine = standalone_engine(device, backends, 2, hidden, dtype, rows, timeout)
-    default = TimingPlan.for_device(engine.plan.device, {})
+    default = TimingPlan.for_device(engine.plan.device)
     plans = {c: default.overridden(c) if c else default for c in clocks}
     results: dict[str, dict[int, dict[str, Any]]] = {c: {} for c in clocks}
     problems = []
