@@ -18,6 +18,17 @@ the bare allreduce job), and writes to --out (default $OUT):
 nccl_tests_us is nccl-tests under the NCCL settings the plugin's ranks run with
 (pytest_allreduce.nccl_env); the table also shows it under NCCL's own defaults.
 
+Without MPI, all_reduce_perf drives both GPUs from one process (-g 2, or threads with -t 2
+-g 1), while the plugin, like every tensor-parallel server, runs one process per GPU. With
+--mpi-home (an MPI installation: bin/mpiexec, include/mpi.h, lib/libmpi.so; the MPICH wheel
+from PyPI, unpacked, is one) all_reduce_perf is also built with MPI and run as
+
+    mpiexec -n 2 all_reduce_perf -g 1 ...    (one process per GPU, the same graphs and clock)
+
+and that run becomes nccl_tests_us, the figure every difference is taken against; the
+single-process run stays in the table and in nccl_tests_other_us. The same MPI binary is also
+run as one process with -g 2, so that the binary itself is not what differs.
+
     python benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests
     python benchmarks/vs_nccl_tests.py --device cpu --backends gloo,cpu_shm \\
         --nccl-tests-output recorded.txt --max-bytes 32K    # our side only, on the CPU
@@ -37,6 +48,8 @@ from typing import Any
 
 NCCL_TESTS_HOME = Path("/tmp/nccl-tests")  # where build-on-device.sh builds
 ALL_REDUCE_PERF = NCCL_TESTS_HOME / "build" / "all_reduce_perf"
+ALL_REDUCE_PERF_MPI = NCCL_TESTS_HOME / "build-mpi" / "all_reduce_perf"
+ONE_PROCESS_PER_GPU = "-G, mpiexec -n 2, -g 1"
 GOAL = 0.05  # the raw-NCCL path within 5% of nccl-tests -G
 RAW_NCCL_BACKEND = "pynccl"
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -140,6 +153,31 @@ def build_nccl_tests(tools: Path, rebuild: bool) -> Path:
     return ALL_REDUCE_PERF
 
 
+def build_nccl_tests_mpi(mpi_home: Path, rebuild: bool) -> Path:
+    """all_reduce_perf alone, built with MPI into its own folder from the source and NCCL
+    link that build_nccl_tests left in NCCL_TESTS_HOME."""
+    if ALL_REDUCE_PERF_MPI.is_file() and not rebuild:
+        print(f"reusing {ALL_REDUCE_PERF_MPI}", flush=True)
+        return ALL_REDUCE_PERF_MPI
+    for needed in ("bin/mpiexec", "include/mpi.h", "lib/libmpi.so"):
+        if not (mpi_home / needed).exists():
+            raise FileNotFoundError(f"--mpi-home {mpi_home}: no {needed} there")
+    print(f"building nccl-tests' all_reduce_perf with MPI from {mpi_home}", flush=True)
+    log = NCCL_TESTS_HOME / "build-mpi.log"
+    with log.open("w") as sink:
+        done = subprocess.run(
+            ["make", "-C", str(NCCL_TESTS_HOME / "src"), "-j16", "MPI=1",
+             f"MPI_HOME={mpi_home}", f"NCCL_HOME={NCCL_TESTS_HOME / 'home'}",
+             "CUDA_HOME=/usr/local/cuda", "NVCC_GENCODE=-gencode=arch=compute_90,code=sm_90",
+             f"BUILDDIR={ALL_REDUCE_PERF_MPI.parent}", str(ALL_REDUCE_PERF_MPI)],
+            stdout=sink, stderr=subprocess.STDOUT, timeout=600,
+        )  # fmt: skip
+    if done.returncode:
+        tail = log.read_text().splitlines()[-20:]
+        raise RuntimeError("the MPI build of all_reduce_perf failed:\n" + "\n".join(tail))
+    return ALL_REDUCE_PERF_MPI
+
+
 def nccl_tests_command(
     binary: Path, sizes: list[int], dtype: str, args: argparse.Namespace
 ) -> list[str]:
@@ -150,15 +188,22 @@ def nccl_tests_command(
     ]  # fmt: skip
 
 
-def run_nccl_tests(command: list[str], settings: dict[str, str], drop: tuple[str, ...] = ()) -> str:
+def run_nccl_tests(
+    command: list[str],
+    settings: dict[str, str],
+    drop: tuple[str, ...] = (),
+    lib_dirs: tuple[Path, ...] = (),
+) -> str:
     """all_reduce_perf's output, run with `settings` added to and `drop` removed from this
-    process's environment."""
+    process's environment, and `lib_dirs` (an MPI's) found before the system's libraries."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(settings)
     lib_dir_file = NCCL_TESTS_HOME / "nccl-lib-dir"
+    dirs = [str(d) for d in lib_dirs]
     if lib_dir_file.is_file():
-        lib_dir = lib_dir_file.read_text().strip()
-        env["LD_LIBRARY_PATH"] = f"{lib_dir}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
+        dirs.insert(0, lib_dir_file.read_text().strip())
+    if dirs:
+        env["LD_LIBRARY_PATH"] = ":".join([*dirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     shown = " ".join(f"{k}={v}" for k, v in settings.items())
     print(f"running {shown} {' '.join(command)}", flush=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -275,12 +320,26 @@ def report(
     if RAW_NCCL_BACKEND in backends:
         lines.append("")
         for clock, over in over_goal.items():
-            lines.append(
-                f"Goal: {RAW_NCCL_BACKEND} [{clock or 'default timing'}] within {GOAL:.0%} of "
-                f"nccl-tests {ref_label} at every size: "
-                + ("met." if not over else f"NOT met at {', '.join(over)}.")
-            )
+            lines.append(goal_line(clock, ref_label, over))
+        # The default plan against each other nccl-tests run: how the verdict depends on
+        # which arrangement of nccl-tests one compares with.
+        for label, rows in list(references.items())[1:]:
+            over = []
+            for nbytes in sizes:
+                lat = ours.get("", {}).get(nbytes, {}).get(RAW_NCCL_BACKEND)
+                row = rows.get(nbytes)
+                if lat is not None and row and abs(lat.median_us - row.oop_us) / row.oop_us > GOAL:
+                    over.append(f"{nbytes} B ({relative(round(lat.median_us, 3), row.oop_us)})")
+            lines.append(goal_line("", label, over))
     return records, lines
+
+
+def goal_line(clock: str, label: str, over: list[str]) -> str:
+    return (
+        f"Goal: {RAW_NCCL_BACKEND} [{clock or 'default timing'}] within {GOAL:.0%} of "
+        f"nccl-tests {label} at every size: "
+        + ("met." if not over else f"NOT met at {', '.join(over)}.")
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -322,6 +381,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "each",
     )
     parser.add_argument(
+        "--mpi-home",
+        type=Path,
+        help="an MPI installation (bin/mpiexec, include/mpi.h, lib/libmpi.so): also build "
+        "all_reduce_perf with MPI and run it as one process per GPU (mpiexec -n 2, -g 1), the "
+        "reference figure then",
+    )
+    parser.add_argument(
         "--also-timing",
         action="append",
         default=[],
@@ -334,6 +400,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tools is None and args.nccl_tests_output is None:
         parser.error("give --tools (build and run nccl-tests) or --nccl-tests-output FILE")
+    if args.mpi_home is not None:
+        if args.tools is None:
+            parser.error("--mpi-home builds nccl-tests: give --tools too")
+        args.mpi_home = args.mpi_home.resolve()
+        missing = [n for n in ("bin/mpiexec", "include/mpi.h", "lib/libmpi.so")
+                   if not (args.mpi_home / n).exists()]  # fmt: skip
+        if missing:
+            parser.error(f"--mpi-home {args.mpi_home}: no {', '.join(missing)} there")
     try:
         args.sizes = byte_sizes(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes))
         for nbytes in args.sizes:
@@ -357,6 +431,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_per_process(
+    args: argparse.Namespace,
+    settings: dict[str, str],
+    run: dict[str, Any],
+    others: dict[str, dict[int, NcclTestsRow]],
+) -> dict[int, NcclTestsRow]:
+    """nccl-tests built with MPI: one process per GPU under mpiexec (returned), and the same
+    binary as one process driving both GPUs (added to `others`)."""
+    binary = build_nccl_tests_mpi(args.mpi_home, args.rebuild)
+    command = nccl_tests_command(binary, args.sizes, args.dtype, args)
+    lib = (args.mpi_home / "lib",)
+    # mpiexec hands its environment (the ranks' NCCL settings among it) to both processes.
+    spread = [str(args.mpi_home / "bin" / "mpiexec"), "-n", "2", command[0], "-g", "1",
+              *command[3:]]  # fmt: skip
+    # Hydra (MPICH's mpiexec) starts local processes by fork; no ssh to localhost.
+    spread_text = run_nccl_tests(spread, {**settings, "HYDRA_LAUNCHER": "fork"}, lib_dirs=lib)
+    single_text = run_nccl_tests(command, settings, lib_dirs=lib)
+    others["-G, MPI build, -g 2"] = {r.bytes: r for r in parse_all_reduce_perf(single_text)}
+    run["nccl_tests_mpi"] = {
+        "per_process": {"command": spread, "output": spread_text},
+        "one_process": {"command": command, "output": single_text},
+    }
+    return {r.bytes: r for r in parse_all_reduce_perf(spread_text)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from pytest_allreduce.nccl_env import NCCL_GRAPH_MIXING, rank_settings
 
@@ -364,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     run: dict[str, Any] = {"argv": sys.argv if argv is None else argv}
     others: dict[str, dict[int, NcclTestsRow]] = {}
+    per_process: dict[int, NcclTestsRow] | None = None
     if args.nccl_tests_output is not None:
         text = args.nccl_tests_output.read_text()
         run["nccl_tests"] = {"source": str(args.nccl_tests_output), "output": text}
@@ -390,10 +490,18 @@ def main(argv: list[str] | None = None) -> int:
             default_text = run_nccl_tests(command, {}, drop=(NCCL_GRAPH_MIXING,))
             others["-G, NCCL defaults"] = {r.bytes: r for r in parse_all_reduce_perf(default_text)}
             run["nccl_tests_defaults"] = {"command": command, "output": default_text}
+        if args.mpi_home is not None:
+            per_process = run_per_process(args, settings, run, others)
     reference = {r.bytes: r for r in parse_all_reduce_perf(text)}
+    references = {"-G": reference, **others}
+    if per_process is not None:
+        # One process per GPU is how the plugin's ranks (and servers) run: the like-for-like
+        # reference. The single-process run stays beside it.
+        references = {ONE_PROCESS_PER_GPU: per_process, **references}
     problems = [
-        f"nccl-tests found {r.oop_wrong} wrong elements at {r.bytes} B"
-        for r in reference.values()
+        f"nccl-tests {label} found {r.oop_wrong} wrong elements at {r.bytes} B"
+        for label, rows in references.items()
+        for r in rows.values()
         if r.oop_wrong
     ]
     clocks = ["", *args.also_timing]
@@ -407,7 +515,6 @@ def main(argv: list[str] | None = None) -> int:
         f"NCCL {machine.get('nccl_version', '?')}, torch {machine.get('torch_version', '?')}, "
         f"{args.dtype}, hidden {args.hidden}, out of place)"
     )
-    references = {"-G": reference, **others}
     records, lines = report(args.sizes, references, ours, args.backends, title)
     lines += [f"- problem: {p.splitlines()[0]}" for p in problems]
     lines.append(f"\n({time.monotonic() - began:.0f} s)")
@@ -417,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "vs-nccl-tests.md").write_text("\n".join(lines) + "\n")
     run.update(
         machine=machine,
-        reference=[asdict(r) for r in reference.values()],
+        reference=[asdict(r) for r in next(iter(references.values())).values()],
+        reference_run=next(iter(references)),
         ours={
             clock or "default": {
                 str(n): {

@@ -104,10 +104,60 @@ def test_report_flags_the_raw_nccl_path_beyond_five_percent() -> None:
         },
     ]  # fmt: skip
     assert "| 8192 | 6.76 | 6.76 | 7.00 | +3.6% | 8.50 | +25.7% | 6.90 | +2.1% | - | - |" in lines
-    assert lines[-2:] == [
+    assert lines[-3:] == [
         "Goal: pynccl [default timing] within 5% of nccl-tests -G at every size: "
         "NOT met at 16384 B (+10.0%).",
         "Goal: pynccl [launches=20] within 5% of nccl-tests -G at every size: met.",
+        "Goal: pynccl [default timing] within 5% of nccl-tests -t 2 at every size: met.",
+    ]
+
+
+def test_the_per_process_run_is_mpiexec_with_one_gpu_each_and_becomes_the_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sample = SAMPLE.read_text()
+    calls: list[tuple[list[str], dict[str, str], tuple[Path, ...]]] = []
+
+    def fake_run(
+        command: list[str],
+        settings: dict[str, str],
+        drop: tuple[str, ...] = (),
+        lib_dirs: tuple[Path, ...] = (),
+    ) -> str:
+        calls.append((command, settings, lib_dirs))
+        # The per-process run reads 10% slower, so that the reference visibly changes.
+        if command[0].endswith("mpiexec"):
+            return sample.replace("   6.76 ", "   7.44 ")
+        return sample
+
+    monkeypatch.setattr(vs, "build_nccl_tests_mpi", lambda home, rebuild: tmp_path / "arp")
+    monkeypatch.setattr(vs, "run_nccl_tests", fake_run)
+    args = SimpleNamespace(
+        mpi_home=tmp_path / "mpi", rebuild=False, sizes=[8192, 16384], dtype="bfloat16",
+        iters=50, warmup_iters=10, graph_launches=20,
+    )  # fmt: skip
+    others: dict = {}
+    run: dict = {}
+    per_process = vs.run_per_process(args, {"NCCL_X": "1"}, run, others)
+    (spread, spread_env, lib), (single, single_env, _) = calls
+    assert spread[:6] == [str(tmp_path / "mpi/bin/mpiexec"), "-n", "2", str(tmp_path / "arp"),
+                          "-g", "1"]  # fmt: skip
+    assert spread[6:] == single[3:] and single[1:3] == ["-g", "2"]
+    assert spread_env["NCCL_X"] == single_env["NCCL_X"] == "1"
+    assert lib == (tmp_path / "mpi/lib",)
+    assert per_process[8192].oop_us == 7.44
+    assert others["-G, MPI build, -g 2"][8192].oop_us == 6.76
+    assert set(run["nccl_tests_mpi"]) == {"per_process", "one_process"}
+    references = {vs.ONE_PROCESS_PER_GPU: per_process, **others}
+    ours = {"": {8192: {"pynccl": SimpleNamespace(median_us=7.3)}}}
+    records, lines = vs.report([8192], references, ours, ["pynccl"], "# t")
+    assert records[0]["nccl_tests_us"] == 7.44
+    assert records[0]["nccl_tests_other_us"] == {"-G, MPI build, -g 2": 6.76}
+    assert lines[-2:] == [
+        f"Goal: pynccl [default timing] within 5% of nccl-tests {vs.ONE_PROCESS_PER_GPU} at "
+        "every size: met.",
+        "Goal: pynccl [default timing] within 5% of nccl-tests -G, MPI build, -g 2 at every "
+        "size: NOT met at 8192 B (+8.0%).",
     ]
 
 

@@ -16,6 +16,9 @@
 #   versus           benchmarks/vs_nccl_tests.py (builds nccl-tests from .tools/nccl-tests), our
 #                    side also under nccl-tests' shape (50 ops x 20 launches per sample) and
 #                    4 launches per sample, nccl-tests also with one thread per GPU
+#   versus-mpi       benchmarks/vs_nccl_tests.py with nccl-tests also built with MPI and run as
+#                    one process per GPU (MPICH from the carried .mpi/mpich-*.whl, unpacked
+#                    into /tmp/mpich)
 #   probe            benchmarks/pynccl_probe.py
 #   invariance       benchmarks/timing_invariance.py
 #   gsm8k            the accuracy suite on the joined GGUF, all 1319 questions, every backend
@@ -90,6 +93,15 @@ for what in "$@"; do
             step versus 480 python3 benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests \
                 --threads-run --also-timing ops=50,launches=20,samples=8 \
                 --also-timing launches=4,samples=8 --out "$work/versus" ;;
+        versus-mpi)
+            source tools/device-env.sh || exit 3
+            # The wheel's files, as they are: pip would place its data folder by its own scheme.
+            python3 -c "import zipfile, sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/mpich')" \
+                .mpi/mpich-*.whl || { echo "no MPICH wheel in .mpi/"; status=1; continue; }
+            mpi_home=$(ls -d /tmp/mpich/mpich-*.data/data)
+            chmod +x "$mpi_home"/bin/*
+            step versus-mpi 540 python3 benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests \
+                --mpi-home "$mpi_home" --out "$work/versus-mpi" ;;
         probe)
             source tools/device-env.sh || exit 3
             step probe 240 python3 benchmarks/pynccl_probe.py --out "$work/probe" ;;
