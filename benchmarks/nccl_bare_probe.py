@@ -8,13 +8,22 @@ ncclAllReduce captured in one CUDA graph, 10 eager warm-up calls, a host barrier
 launched 20 times, a stream synchronize; per op = host time / 1000, averaged over ranks
 (nccl-tests' figure) and the slower rank's. Variants, interleaved size by size:
 
-    integers   the engine's inputs: small integers in bfloat16
-    random     uniform [0, 1) values, as nccl-tests fills its buffers
-    torch-pg   integers, with torch's NCCL process group also alive in each rank (one
-               allreduce through it first), as in the plugin's rank processes; timed after
-               the other two at every size, since the group cannot be taken away again
+    integers         the engine's inputs: small integers in bfloat16, every op on the same
+                     send and receive buffers (torch's allocator)
+    random           uniform [0, 1) values, as nccl-tests fills its buffers
+    rotated          integers; op k of the graph works at byte offset (k % steps) * size of a
+                     send and a receive buffer of the largest size (steps = largest // size),
+                     as nccl-tests' startColl shifts its buffers "to avoid cache effects":
+                     from 512 KiB up, 50 ops' inputs and outputs no longer fit the L2 cache
+    ncclmem          integers, same buffers, allocated with ncclMemAlloc (cuMem), as
+                     nccl-tests 2.19 allocates its buffers
+    ncclmem-rotated  both: nccl-tests' buffers and offsets
+    torch-pg         integers, with torch's NCCL process group also alive in each rank (one
+                     allreduce through it first), as in the plugin's rank processes; timed after
+                     the others at every size, since the group cannot be taken away again
 
-    python benchmarks/nccl_bare_probe.py [--min-bytes 8K] [--max-bytes 64M] [--out DIR]
+    python benchmarks/nccl_bare_probe.py [--variants integers,rotated,...] [--min-bytes 8K]
+        [--max-bytes 64M] [--out DIR]
 
 Prints a table and writes nccl-bare-probe.json to --out (default $OUT or .).
 """
@@ -22,25 +31,98 @@ Prints a table and writes nccl-bare-probe.json to --out (default $OUT or .).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pytest_allreduce.backends.pynccl import nccl_dtype, nccl_library
+from pytest_allreduce.backends.pynccl import NcclLibrary, nccl_dtype, nccl_library
 
 from pytest_allreduce.nccl_env import apply_rank_settings
 
 OPS_PER_GRAPH = 50
 LAUNCHES = 20
 WARMUP_CALLS = 10
-VARIANTS = ("integers", "random", "torch-pg")
+
+
+@dataclass(frozen=True)
+class Variant:
+    fill: str  # "integers" or "random"
+    alloc: str  # "torch" or "ncclmem"
+    rotate: bool  # shift each op's buffers as nccl-tests does
+    torch_pg: bool = False  # torch's NCCL process group alive (timed last)
+
+
+VARIANTS = {
+    "integers": Variant("integers", "torch", False),
+    "random": Variant("random", "torch", False),
+    "rotated": Variant("integers", "torch", True),
+    "ncclmem": Variant("integers", "ncclmem", False),
+    "ncclmem-rotated": Variant("integers", "ncclmem", True),
+    "torch-pg": Variant("integers", "torch", False, torch_pg=True),
+}
+DEFAULT_VARIANTS = "integers,rotated,ncclmem,ncclmem-rotated"
+
+
+class _CudaArray:
+    """A raw device allocation seen by torch without a copy (__cuda_array_interface__)."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes // 2,), "typestr": "<u2", "data": (ptr, False), "version": 3,
+        }  # fmt: skip
+
+
+class RankBuffers:
+    """One send and one receive buffer of the largest size per allocator, filled once."""
+
+    def __init__(self, lib: NcclLibrary, largest: int, rank: int, device: torch.device) -> None:
+        self.lib, self.largest, self.rank, self.device = lib, largest, rank, device
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.nccl_ptrs: list[int] = []
+
+    def _nccl_alloc(self, nbytes: int) -> torch.Tensor:
+        fn = self.lib.lib.ncclMemAlloc
+        fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+        fn.restype = ctypes.c_int
+        ptr = ctypes.c_void_p()
+        self.lib.check(fn(ctypes.byref(ptr), nbytes), "ncclMemAlloc")
+        assert ptr.value is not None
+        self.nccl_ptrs.append(ptr.value)
+        return torch.as_tensor(_CudaArray(ptr.value, nbytes), device=self.device).view(
+            torch.bfloat16
+        )
+
+    def pair(self, alloc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if alloc not in self.pairs:
+            count = self.largest // 2
+            if alloc == "ncclmem":
+                send, recv = self._nccl_alloc(self.largest), self._nccl_alloc(self.largest)
+            else:
+                send = torch.empty(count, dtype=torch.bfloat16, device=self.device)
+                recv = torch.empty_like(send)
+            send.copy_(_fill("integers", count, self.rank, self.device))
+            recv.zero_()
+            self.pairs[alloc] = (send, recv)
+        return self.pairs[alloc]
+
+    def free(self) -> None:
+        self.pairs.clear()
+        torch.cuda.synchronize(self.device)
+        fn = self.lib.lib.ncclMemFree
+        fn.argtypes = [ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        for ptr in self.nccl_ptrs:
+            self.lib.check(fn(ptr), "ncclMemFree")
+        self.nccl_ptrs.clear()
 
 
 def _fill(kind: str, count: int, rank: int, device: torch.device) -> torch.Tensor:
@@ -51,26 +133,36 @@ def _fill(kind: str, count: int, rank: int, device: torch.device) -> torch.Tenso
     return torch.randint(-3, 4, (count,), generator=gen, device=device).to(torch.bfloat16)
 
 
-def _time_size(lib: Any, comm: int, nbytes: int, kind: str, rank: int) -> float:
+def _time_size(
+    lib: NcclLibrary, comm: int, nbytes: int, variant: Variant, buffers: RankBuffers
+) -> float:
     """Per-op us on this rank: nccl-tests' -G shape, host-timed."""
-    device = torch.device("cuda", rank)
+    device = buffers.device
     count = nbytes // 2
-    send = _fill(kind, count, rank, device)
-    recv = torch.empty_like(send)
+    if variant.fill == "random":
+        send = _fill("random", count, buffers.rank, device)
+        recv = torch.empty_like(send)
+    else:
+        send, recv = buffers.pair(variant.alloc)
+    steps = buffers.largest // nbytes if variant.rotate else 1
     dtype = nccl_dtype(torch.bfloat16)
     stream = torch.cuda.Stream(device)
 
-    def call() -> None:
-        lib.all_reduce(send.data_ptr(), recv.data_ptr(), count, dtype, comm, stream.cuda_stream)
+    def call(op: int) -> None:
+        offset = (op % steps) * count  # elements; nccl-tests shifts by whole sizes
+        lib.all_reduce(
+            send[offset:].data_ptr(), recv[offset:].data_ptr(), count, dtype, comm,
+            stream.cuda_stream,
+        )  # fmt: skip
 
     with torch.cuda.stream(stream):
-        for _ in range(WARMUP_CALLS):
-            call()
+        for op in range(WARMUP_CALLS):
+            call(op)
     stream.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        for _ in range(OPS_PER_GRAPH):
-            call()
+        for op in range(OPS_PER_GRAPH):
+            call(op)
     graph.replay()  # upload
     torch.cuda.synchronize(device)
     dist.barrier()
@@ -84,7 +176,9 @@ def _time_size(lib: Any, comm: int, nbytes: int, kind: str, rank: int) -> float:
     return per_op
 
 
-def _rank_main(rank: int, store_path: str, sizes: list[int], result_path: str) -> None:
+def _rank_main(
+    rank: int, store_path: str, sizes: list[int], names: list[str], result_path: str
+) -> None:
     apply_rank_settings()
     torch.cuda.set_device(rank)
     store = dist.FileStore(store_path, 2)
@@ -93,25 +187,32 @@ def _rank_main(rank: int, store_path: str, sizes: list[int], result_path: str) -
     box = [lib.unique_id() if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     comm = lib.init_rank(2, box[0], rank)
-    results: dict[str, dict[int, list[float]]] = {v: {} for v in VARIANTS}
+    buffers = RankBuffers(lib, max(sizes), rank, torch.device("cuda", rank))
+    results: dict[str, dict[int, list[float]]] = {name: {} for name in names}
 
-    def timed(variant: str, kind: str, at: list[int]) -> None:
+    def timed(name: str, at: list[int]) -> None:
         for nbytes in at:
             both: list[Any] = [None, None]
-            dist.all_gather_object(both, _time_size(lib, comm, nbytes, kind, rank))
-            results[variant][nbytes] = both
+            per_op = _time_size(lib, comm, nbytes, VARIANTS[name], buffers)
+            dist.all_gather_object(both, per_op)
+            results[name][nbytes] = both
 
-    for nbytes in sizes:  # the two data patterns interleaved, size by size
-        timed("integers", "integers", [nbytes])
-        timed("random", "random", [nbytes])
-    torch_group = dist.new_group(backend="nccl")
-    warm = torch.ones(1, device=f"cuda:{rank}")
-    dist.all_reduce(warm, group=torch_group)
-    torch.cuda.synchronize()
-    timed("torch-pg", "integers", sizes)
+    before = [n for n in names if not VARIANTS[n].torch_pg]
+    for nbytes in sizes:  # interleaved, size by size
+        for name in before:
+            timed(name, [nbytes])
+    after = [n for n in names if VARIANTS[n].torch_pg]
+    if after:
+        torch_group = dist.new_group(backend="nccl")
+        warm = torch.ones(1, device=f"cuda:{rank}")
+        dist.all_reduce(warm, group=torch_group)
+        torch.cuda.synchronize()
+        for name in after:
+            timed(name, sizes)
     if rank == 0:
         Path(result_path).write_text(json.dumps(results))
     dist.barrier()
+    buffers.free()
     lib.destroy(comm)
     dist.destroy_process_group()
 
@@ -126,10 +227,19 @@ def _parse_bytes(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"comma list of {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS})",
+    )
     parser.add_argument("--min-bytes", default="8K")
     parser.add_argument("--max-bytes", default="64M")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args(argv)
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        parser.error(f"--variants: unknown {unknown or 'none given'}; choose from {list(VARIANTS)}")
     if torch.cuda.device_count() < 2:
         parser.error("needs 2 GPUs")
     sizes = []
@@ -139,15 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         n *= 2
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
-        mp.spawn(_rank_main, args=(os.path.join(tmp, "store"), sizes, result_path), nprocs=2)
+        mp.spawn(_rank_main, args=(os.path.join(tmp, "store"), sizes, names, result_path), nprocs=2)
         raw = json.loads(Path(result_path).read_text())
-    heads = ["bytes"] + [f"{v} mean / max (us)" for v in VARIANTS]
+    heads = ["bytes"] + [f"{v} mean / max (us)" for v in names]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     records = []
     for nbytes in sizes:
         record: dict[str, Any] = {"bytes": nbytes}
         cells = [str(nbytes)]
-        for v in VARIANTS:
+        for v in names:
             ranks = raw[v][str(nbytes)]
             mean, worst = sum(ranks) / len(ranks), max(ranks)
             record[v] = {"mean_us": round(mean, 3), "max_us": round(worst, 3), "ranks": ranks}

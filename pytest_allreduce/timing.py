@@ -23,6 +23,13 @@ How one sample is taken, and why:
   is negligible against collectives that take milliseconds).
 * Inputs are integer-valued, so the exact sum is known: after the rounds every instance's last
   output is compared with it, and a candidate whose results were wrong while being timed fails.
+* Cache state: by default every op of a graph works on the same buffers, so a message smaller
+  than the L2 cache is read from it, as a server's allreduce reads the activations the GEMM
+  before it has just written. nccl-tests instead shifts each op's buffers through a 64 MiB
+  region "to avoid cache effects" (op k at offset (k % (64 MiB / size)) x size), so from
+  about 512 KiB up its 50 ops' inputs no longer fit in the L2 of an H200. `rotate=BYTES`
+  gives each op of a graph its own buffer set, k % min(ops, BYTES // message bytes), which is
+  that access pattern; comparing with nccl-tests needs it (benchmarks/vs_nccl_tests.py).
 """
 
 from __future__ import annotations
@@ -76,11 +83,22 @@ class TimingPlan:
     # launches one graph many times per timing: a sample then covers ops_per_sample x
     # launches ops, the steady state of a stream that never drains between graphs.
     launches: int = 1
+    # 0: every op of a sample on the same buffers. Else each op on its own buffer set, set k
+    # % min(ops_per_sample, rotate_bytes // message bytes): nccl-tests' shifting of its
+    # buffers through rotate_bytes (64 MiB there), which keeps larger messages out of the
+    # cache (module docstring).
+    rotate_bytes: int = 0
+
+    def buffer_sets(self, message_bytes: int) -> int:
+        """How many buffer sets one instance cycles through at this message size."""
+        if not self.rotate_bytes:
+            return 1
+        return max(1, min(self.ops_per_sample, self.rotate_bytes // max(1, message_bytes)))
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            least = 0 if f.name == "warmup" else 1
+            least = 0 if f.name in ("warmup", "rotate_bytes") else 1
             if not isinstance(value, int) or value < least:
                 raise ValueError(
                     f"timing plan: {f.name} must be an integer >= {least}, not {value!r}"
@@ -102,23 +120,36 @@ class TimingPlan:
 
     def overridden(self, text: str) -> TimingPlan:
         """This plan with fields replaced from "key=value,..." (keys: samples, ops, warmup,
-        instances, launches); ValueError naming TIMING_ENV and the bad part otherwise."""
+        instances, launches, rotate; rotate takes bytes, with K, M or G allowed); ValueError
+        naming TIMING_ENV and the bad part otherwise."""
         names = {"samples": "samples", "ops": "ops_per_sample", "warmup": "warmup"}
-        names |= {"instances": "instances", "launches": "launches"}
+        names |= {"instances": "instances", "launches": "launches", "rotate": "rotate_bytes"}
         changes: dict[str, int] = {}
         for part in text.split(","):
             key, sep, value = part.partition("=")
             key = key.strip()
-            if not sep or key not in names or not value.strip().lstrip("-").isdigit():
+            number = _integer(value, byte_units=key == "rotate")
+            if not sep or key not in names or number is None:
                 raise ValueError(
                     f"{TIMING_ENV}={text!r}: bad part {part.strip()!r}; expected key=integer "
-                    f"pairs with keys {', '.join(names)} (e.g. 'samples=24,ops=100')"
+                    f"pairs with keys {', '.join(names)} (e.g. 'samples=24,ops=100,rotate=64M')"
                 )
-            changes[names[key]] = int(value)
+            changes[names[key]] = number
         try:
             return replace(self, **changes)
         except ValueError as exc:
             raise ValueError(f"{TIMING_ENV}={text!r}: {exc}") from None
+
+
+def _integer(text: str, byte_units: bool) -> int | None:
+    text = text.strip().upper()
+    scale = 1
+    if byte_units and text[-1:] in _BYTE_UNITS:
+        text, scale = text[:-1], _BYTE_UNITS[text[-1]]
+    return int(text) * scale if text.lstrip("-").isdigit() else None
+
+
+_BYTE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 # ---- results -------------------------------------------------------------------------------
@@ -405,7 +436,7 @@ def _inputs(ctx: RankContext, work: Work, rows: int, job: Job) -> _Inputs:
 @dataclass
 class _Candidate:
     backend: Backend
-    buffers: list[JobBuffers]
+    buffers: list[list[JobBuffers]]  # per instance, its buffer sets (one unless rotating)
     replays: list[Callable[[], None]]
     clock: str
     graphs: list[Any] = field(default_factory=list)  # kept alive while replayed
@@ -419,10 +450,12 @@ def _buffers(ctx: RankContext, work: Work, rows: int, inputs: _Inputs) -> JobBuf
     return buf
 
 
-def _ops(backend: Backend, job: Job, buf: JobBuffers, ops: int) -> Callable[[], None]:
+def _ops(backend: Backend, job: Job, sets: Sequence[JobBuffers], ops: int) -> Callable[[], None]:
+    """`ops` runs of the job, op k on buffer set k % len(sets)."""
+
     def run() -> None:
-        for _ in range(ops):
-            run_job(backend, job, buf)
+        for k in range(ops):
+            run_job(backend, job, sets[k % len(sets)])
 
     return run
 
@@ -431,7 +464,8 @@ def _prepare(
     ctx: RankContext, work: Work, rows: int, job: Job, plan: TimingPlan, inputs: _Inputs
 ) -> _Candidate:
     backend = backend_for(ctx, work)
-    bufs = [_buffers(ctx, work, rows, inputs) for _ in range(plan.instances)]
+    sets = plan.buffer_sets(inputs.mine.numel() * inputs.mine.element_size())
+    bufs = [[_buffers(ctx, work, rows, inputs) for _ in range(sets)] for _ in range(plan.instances)]
     if not ctx.is_cuda:
         return _Candidate(
             backend, bufs, [_ops(backend, job, b, plan.ops_per_sample) for b in bufs], "wall_clock"
@@ -439,8 +473,8 @@ def _prepare(
     stream = torch.cuda.Stream(ctx.device)
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for buf in bufs:
-            _ops(backend, job, buf, EAGER_WARMUP_OPS)()
+        for inst in bufs:  # every set at least once: libraries allocate and connect on first use
+            _ops(backend, job, inst, max(EAGER_WARMUP_OPS, len(inst)))()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     if not backend.limits_.graph_capturable:
@@ -453,10 +487,10 @@ def _prepare(
     # Every instance in one capture context, then one registration, as a server captures
     # several sizes before registering.
     with backend.capture():
-        for buf in bufs:
+        for inst in bufs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
-                _ops(backend, job, buf, plan.ops_per_sample)()
+                _ops(backend, job, inst, plan.ops_per_sample)()
             graphs.append(graph)
     backend.after_capture()
     return _Candidate(backend, bufs, [g.replay for g in graphs], "cuda_graph", graphs)
@@ -499,16 +533,18 @@ def measure_interleaved(
     inputs = _inputs(ctx, works[0], rows, job)
     candidates = [_prepare(ctx, w, rows, job, plan, inputs) for w in works]
     for cand in candidates:
-        for buf in cand.buffers:
-            buf.poison()  # an output the timed loop never writes is caught below
+        for inst in cand.buffers:
+            for buf in inst:
+                buf.poison()  # an output the timed loop never writes is caught below
     clock: Clock = CudaClock(ctx, len(candidates)) if ctx.is_cuda else WallClock(ctx)
     samples, late = run_rounds(clock, [c.replays for c in candidates], plan, ctx.all_gather_object)
     if ctx.is_cuda:
         torch.cuda.synchronize()
     problems = [
         [
-            f"instance {i}: {p}"
-            for i, buf in enumerate(c.buffers)
+            f"instance {i}{f' buffer set {j}' if len(inst) > 1 else ''}: {p}"
+            for i, inst in enumerate(c.buffers)
+            for j, buf in enumerate(inst)
             for p in _output_problems(job, buf, inputs.expected)
         ]
         for c in candidates
@@ -527,7 +563,7 @@ def measure_interleaved(
         if any(s <= 0 for s in worst):
             found.append(f"non-positive latency samples: {worst}")
         result.append(CandidateTiming(worst, cand.clock, engaged(cand.backend, job), found))
-    buf = candidates[0].buffers[0]
+    buf = candidates[0].buffers[0][0]
     return InterleavedTiming(
         candidates=result,
         ops_per_sample=plan.ops_per_sample * plan.launches,

@@ -147,3 +147,65 @@ def test_a_users_case_runner_still_measures_one_backend(pytester: pytest.Pyteste
         timeout=120,
     )
     result.assert_outcomes(passed=1)
+
+
+STALE_PY = """
+import torch.distributed as dist
+
+from pytest_allreduce.backend import Backend, Limits, VariantSpec
+
+
+class FirstOutputOnly(Backend):
+    # Keeps the first output buffer it is handed per size and writes every later result
+    # there: right as long as a caller always passes the same buffers.
+    name = "first_output_only"
+    variants = (VariantSpec(server_type="cpu_shm"),)
+
+    @classmethod
+    def limits(cls, variant, world_size):
+        return Limits(device="cpu", dtypes=("bfloat16",))
+
+    @classmethod
+    def probe(cls, ctx, variant):
+        return None
+
+    def setup(self):
+        self.kept = {}
+
+    def _all_reduce(self, inp, out):
+        target = self.kept.setdefault(inp.shape[0], out)
+        target.copy_(inp)
+        dist.all_reduce(target, group=self.ctx.cpu_group)
+"""
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_rotating_buffers_checks_every_buffer_set(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, rotate: bool
+) -> None:
+    # 4 rows x hidden 64 x bfloat16 = 512 bytes: rotate=1K gives each instance two buffer
+    # sets, ops 0 and 2 on one, 1 and 3 on the other, and the second set's outputs are
+    # checked like the first's.
+    plan = "samples=2,ops=4,warmup=1" + (",rotate=1K" if rotate else "")
+    monkeypatch.setenv("PYTEST_ALLREDUCE_TIMING", plan)
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(stale_backend=STALE_PY)
+    pytester.makeconftest(
+        "from stale_backend import FirstOutputOnly\n\n\n"
+        "def pytest_allreduce_register_backends(registry):\n"
+        "    registry.register(FirstOutputOnly)\n"
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-rA", "--pyargs", "pytest_allreduce.suites.test_latency",
+        "--allreduce-backends=gloo,first_output_only", "--allreduce-batch-sizes=4",
+        "--allreduce-max-tokens=4", "--allreduce-hidden-sizes=64", "-k", "not fused",
+        "--allreduce-output-dir=out", "--allreduce-timeout=60", timeout=240,
+    )  # fmt: skip
+    out = result.stdout.str()
+    if not rotate:
+        # The same buffers for every op: the bug cannot show in the timed loop.
+        result.assert_outcomes(passed=1)
+        return
+    result.assert_outcomes(failed=1)
+    assert "first_output_only failed:" in out and "gloo failed" not in out
+    assert re.search(r"instance \d buffer set 1: 256 of 256 elements differ", out), out

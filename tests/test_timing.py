@@ -270,9 +270,24 @@ def test_plan_defaults_and_the_environment_override() -> None:
     assert (changed.warmup, changed.instances) == (cuda.warmup, cuda.instances)
 
 
+def test_rotate_takes_bytes_and_gives_each_op_its_own_buffers_up_to_the_op_count() -> None:
+    plan = TimingPlan.for_device("cuda", {TIMING_ENV: "ops=50,rotate=64M"})
+    assert plan.rotate_bytes == 64 << 20
+    # nccl-tests' pattern: op k at (k % (64 MiB / size)); distinct sets never exceed the ops.
+    assert [plan.buffer_sets(n) for n in (8 << 10, 1 << 20, 2 << 20, 32 << 20, 64 << 20)] == [
+        50, 50, 32, 2, 1,
+    ]  # fmt: skip
+    assert plan.buffer_sets(128 << 20) == 1
+    assert TimingPlan.for_device("cuda", {}).buffer_sets(8 << 10) == 1  # default: no rotation
+    assert TimingPlan.for_device("cpu", {TIMING_ENV: "rotate=4096"}).rotate_bytes == 4096
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
+        ("rotate=64Q", "bad part 'rotate=64Q'"),
+        ("ops=4K", "bad part 'ops=4K'"),
+        ("rotate=-1", "rotate_bytes must be an integer >= 0"),
         ("ops=0", "ops_per_sample must be an integer >= 1"),
         ("samples=ten", "bad part 'samples=ten'"),
         ("rounds=3", "bad part 'rounds=3'"),

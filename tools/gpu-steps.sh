@@ -18,7 +18,10 @@
 #                    4 launches per sample, nccl-tests also with one thread per GPU
 #   versus-mpi       benchmarks/vs_nccl_tests.py with nccl-tests also built with MPI and run as
 #                    one process per GPU (MPICH from the carried .mpi/mpich-*.whl, unpacked
-#                    into /tmp/mpich)
+#                    into /tmp/mpich); our side also with nccl-tests' buffer rotation
+#                    (rotate=64M), in its shape (50 ops x 20 launches) and in the default one
+#   bare-probe       benchmarks/nccl_bare_probe.py: raw NCCL, same buffers / nccl-tests'
+#                    rotation / ncclMemAlloc buffers / both
 #   probe            benchmarks/pynccl_probe.py
 #   invariance       benchmarks/timing_invariance.py
 #   gsm8k            the accuracy suite on the joined GGUF, all 1319 questions, every backend
@@ -101,7 +104,11 @@ for what in "$@"; do
             mpi_home=$(ls -d /tmp/mpich/mpich-*.data/data)
             chmod +x "$mpi_home"/bin/*
             step versus-mpi 540 python3 benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests \
-                --mpi-home "$mpi_home" --out "$work/versus-mpi" ;;
+                --mpi-home "$mpi_home" --also-timing ops=50,launches=20,samples=8,rotate=64M \
+                --also-timing rotate=64M --out "$work/versus-mpi" ;;
+        bare-probe)
+            source tools/device-env.sh || exit 3
+            step bare-probe 240 python3 benchmarks/nccl_bare_probe.py --out "$work/bare-probe" ;;
         probe)
             source tools/device-env.sh || exit 3
             step probe 240 python3 benchmarks/pynccl_probe.py --out "$work/probe" ;;
