@@ -88,8 +88,11 @@ class NcclLibrary:
             ctypes.c_void_p,  # cudaStream_t
         ]
         lib.ncclCommDestroy.argtypes = [ctypes.c_void_p]
+        lib.ncclMemAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+        lib.ncclMemFree.argtypes = [ctypes.c_void_p]
         for fn in ("ncclGetVersion", "ncclGetUniqueId", "ncclCommInitRank", "ncclAllReduce"):
             getattr(lib, fn).restype = ctypes.c_int
+        lib.ncclMemAlloc.restype = lib.ncclMemFree.restype = ctypes.c_int
         lib.ncclCommDestroy.restype = ctypes.c_int
 
     def check(self, result: int, call: str) -> None:
@@ -139,6 +142,16 @@ class NcclLibrary:
 
     def destroy(self, comm: int) -> None:
         self.check(self.lib.ncclCommDestroy(ctypes.c_void_p(comm)), "ncclCommDestroy")
+
+    def mem_alloc(self, nbytes: int) -> int:
+        """Device memory from NCCL's allocator (cuMem), on the current device."""
+        ptr = ctypes.c_void_p()
+        self.check(self.lib.ncclMemAlloc(ctypes.byref(ptr), nbytes), "ncclMemAlloc")
+        assert ptr.value is not None
+        return ptr.value
+
+    def mem_free(self, ptr: int) -> None:
+        self.check(self.lib.ncclMemFree(ctypes.c_void_p(ptr)), "ncclMemFree")
 
 
 def graph_mixing() -> str:

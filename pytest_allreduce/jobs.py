@@ -93,9 +93,19 @@ class JobBuffers:
 
     @classmethod
     def allocate(
-        cls, rows: int, hidden: int, dtype: torch.dtype, device: torch.device
+        cls,
+        rows: int,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
     ) -> JobBuffers:
+        """`allocate(shape, dtype)`, when given, provides the row buffers (timing's
+        memory=ncclmem); torch's allocator otherwise."""
+
         def empty() -> torch.Tensor:
+            if allocate is not None:
+                return allocate((rows, hidden), dtype)
             return torch.empty(rows, hidden, dtype=dtype, device=device)
 
         return cls(

@@ -30,6 +30,8 @@ How one sample is taken, and why:
   about 512 KiB up its 50 ops' inputs no longer fit in the L2 of an H200. `rotate=BYTES`
   gives each op of a graph its own buffer set, k % min(ops, BYTES // message bytes), which is
   that access pattern; comparing with nccl-tests needs it (benchmarks/vs_nccl_tests.py).
+  `memory=ncclmem` (CUDA) also takes the buffers from ncclMemAlloc, as nccl-tests does
+  (pytest_allreduce.ncclmem says why that matters).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from .jobs import (
     run_job,
 )
 from .model import Job
+from .ncclmem import NcclMemory
 
 # Overrides the device's default plan, e.g. "samples=24,ops=100,instances=3,warmup=2".
 TIMING_ENV = "PYTEST_ALLREDUCE_TIMING"
@@ -88,6 +91,9 @@ class TimingPlan:
     # buffers through rotate_bytes (64 MiB there), which keeps larger messages out of the
     # cache (module docstring).
     rotate_bytes: int = 0
+    # Where the job buffers come from: "torch" (its caching allocator, as a server's) or
+    # "ncclmem" (ncclMemAlloc, as nccl-tests'; CUDA only).
+    memory: str = "torch"
 
     def buffer_sets(self, message_bytes: int) -> int:
         """How many buffer sets one instance cycles through at this message size."""
@@ -96,7 +102,13 @@ class TimingPlan:
         return max(1, min(self.ops_per_sample, self.rotate_bytes // max(1, message_bytes)))
 
     def __post_init__(self) -> None:
+        if self.memory not in MEMORIES:
+            raise ValueError(
+                f"timing plan: memory must be one of {', '.join(MEMORIES)}, not {self.memory!r}"
+            )
         for f in fields(self):
+            if f.name == "memory":
+                continue
             value = getattr(self, f.name)
             least = 0 if f.name in ("warmup", "rotate_bytes") else 1
             if not isinstance(value, int) or value < least:
@@ -116,23 +128,31 @@ class TimingPlan:
             # is no capture to vary) keep the default run short.
             plan = cls(samples=8, ops_per_sample=1, warmup=1, instances=1)
         text = environ.get(TIMING_ENV, "").strip()
-        return plan.overridden(text) if text else plan
+        plan = plan.overridden(text) if text else plan
+        if plan.memory != "torch" and device != "cuda":
+            raise ValueError(f"{TIMING_ENV}={text!r}: memory={plan.memory} needs CUDA")
+        return plan
 
     def overridden(self, text: str) -> TimingPlan:
         """This plan with fields replaced from "key=value,..." (keys: samples, ops, warmup,
-        instances, launches, rotate; rotate takes bytes, with K, M or G allowed); ValueError
-        naming TIMING_ENV and the bad part otherwise."""
+        instances, launches, rotate, memory; rotate takes bytes, with K, M or G allowed;
+        memory takes torch or ncclmem); ValueError naming TIMING_ENV and the bad part
+        otherwise."""
         names = {"samples": "samples", "ops": "ops_per_sample", "warmup": "warmup"}
         names |= {"instances": "instances", "launches": "launches", "rotate": "rotate_bytes"}
-        changes: dict[str, int] = {}
+        changes: dict[str, int | str] = {}
         for part in text.split(","):
             key, sep, value = part.partition("=")
             key = key.strip()
+            if key == "memory" and value.strip() in MEMORIES:
+                changes["memory"] = value.strip()
+                continue
             number = _integer(value, byte_units=key == "rotate")
             if not sep or key not in names or number is None:
                 raise ValueError(
                     f"{TIMING_ENV}={text!r}: bad part {part.strip()!r}; expected key=integer "
-                    f"pairs with keys {', '.join(names)} (e.g. 'samples=24,ops=100,rotate=64M')"
+                    f"pairs with keys {', '.join(names)} (e.g. 'samples=24,ops=100,rotate=64M'), "
+                    f"or memory={'|'.join(MEMORIES)}"
                 )
             changes[names[key]] = number
         try:
@@ -150,6 +170,7 @@ def _integer(text: str, byte_units: bool) -> int | None:
 
 
 _BYTE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+MEMORIES = ("torch", "ncclmem")
 
 
 # ---- results -------------------------------------------------------------------------------
@@ -442,8 +463,11 @@ class _Candidate:
     graphs: list[Any] = field(default_factory=list)  # kept alive while replayed
 
 
-def _buffers(ctx: RankContext, work: Work, rows: int, inputs: _Inputs) -> JobBuffers:
-    buf = JobBuffers.allocate(rows, work.target.hidden, work.dtype, ctx.device)
+def _buffers(
+    ctx: RankContext, work: Work, rows: int, inputs: _Inputs, memory: NcclMemory | None
+) -> JobBuffers:
+    allocate = memory.empty if memory is not None else None
+    buf = JobBuffers.allocate(rows, work.target.hidden, work.dtype, ctx.device, allocate)
     buf.inp.copy_(inputs.mine)
     buf.residual.copy_(inputs.residual)
     buf.weight.fill_(1)
@@ -461,11 +485,20 @@ def _ops(backend: Backend, job: Job, sets: Sequence[JobBuffers], ops: int) -> Ca
 
 
 def _prepare(
-    ctx: RankContext, work: Work, rows: int, job: Job, plan: TimingPlan, inputs: _Inputs
+    ctx: RankContext,
+    work: Work,
+    rows: int,
+    job: Job,
+    plan: TimingPlan,
+    inputs: _Inputs,
+    memory: NcclMemory | None,
 ) -> _Candidate:
     backend = backend_for(ctx, work)
     sets = plan.buffer_sets(inputs.mine.numel() * inputs.mine.element_size())
-    bufs = [[_buffers(ctx, work, rows, inputs) for _ in range(sets)] for _ in range(plan.instances)]
+    bufs = [
+        [_buffers(ctx, work, rows, inputs, memory) for _ in range(sets)]
+        for _ in range(plan.instances)
+    ]
     if not ctx.is_cuda:
         return _Candidate(
             backend, bufs, [_ops(backend, job, b, plan.ops_per_sample) for b in bufs], "wall_clock"
@@ -530,8 +563,26 @@ def measure_interleaved(
     they all coexist as they would in a server that switches backends by size. Collective:
     every rank calls it with the same arguments.
     """
+    if plan.memory == "ncclmem" and not ctx.is_cuda:
+        raise ValueError("timing plan memory=ncclmem needs CUDA")
+    memory = NcclMemory(ctx.device) if plan.memory == "ncclmem" else None
+    try:
+        return _measure(ctx, works, rows, job, plan, memory)
+    finally:
+        if memory is not None:
+            memory.free()
+
+
+def _measure(
+    ctx: RankContext,
+    works: Sequence[Work],
+    rows: int,
+    job: Job,
+    plan: TimingPlan,
+    memory: NcclMemory | None,
+) -> InterleavedTiming:
     inputs = _inputs(ctx, works[0], rows, job)
-    candidates = [_prepare(ctx, w, rows, job, plan, inputs) for w in works]
+    candidates = [_prepare(ctx, w, rows, job, plan, inputs, memory) for w in works]
     for cand in candidates:
         for inst in cand.buffers:
             for buf in inst:

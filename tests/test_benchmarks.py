@@ -268,3 +268,21 @@ def test_timing_invariance_on_the_cpu(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "timing-invariance.json").read_text())
     assert set(record["per_op_median_us"]["gloo"]["8192"]) == {"1", "2"}
     assert "| gloo | 8192 |" in (tmp_path / "timing-invariance.md").read_text()
+
+
+def test_a_main_timing_plan_fills_the_json_and_the_suites_plan_goes_under_default() -> None:
+    reference = {r.bytes: r for r in vs.parse_all_reduce_perf(SAMPLE.read_text())}
+    like = {8192: {"pynccl": SimpleNamespace(median_us=6.8)}}
+    suite = {8192: {"pynccl": SimpleNamespace(median_us=7.5)}}
+    records, lines = vs.report(
+        [8192], {"-G": reference}, {"rotate=64M": like, "": suite}, ["pynccl"], "# t"
+    )
+    assert records == [
+        {"bytes": 8192, "nccl_tests_us": 6.76, "pynccl_us": 6.8,
+         "clocks": {"default": {"pynccl_us": 7.5}}},
+    ]  # fmt: skip
+    assert lines[-2:] == [
+        "Goal: pynccl [rotate=64M] within 5% of nccl-tests -G at every size: met.",
+        "Goal: pynccl [default timing] within 5% of nccl-tests -G at every size: "
+        "NOT met at 8192 B (+10.9%).",
+    ]

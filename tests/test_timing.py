@@ -282,10 +282,19 @@ def test_rotate_takes_bytes_and_gives_each_op_its_own_buffers_up_to_the_op_count
     assert TimingPlan.for_device("cpu", {TIMING_ENV: "rotate=4096"}).rotate_bytes == 4096
 
 
+def test_memory_is_torch_unless_nccl_memory_is_asked_for_on_cuda() -> None:
+    assert TimingPlan.for_device("cuda", {}).memory == "torch"
+    plan = TimingPlan.for_device("cuda", {TIMING_ENV: "memory=ncclmem,rotate=64M"})
+    assert (plan.memory, plan.rotate_bytes) == ("ncclmem", 64 << 20)
+    with pytest.raises(ValueError, match="memory=ncclmem needs CUDA"):
+        TimingPlan.for_device("cpu", {TIMING_ENV: "memory=ncclmem"})
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("rotate=64Q", "bad part 'rotate=64Q'"),
+        ("memory=cudamalloc", "bad part 'memory=cudamalloc'"),
         ("ops=4K", "bad part 'ops=4K'"),
         ("rotate=-1", "rotate_bytes must be an integer >= 0"),
         ("ops=0", "ops_per_sample must be an integer >= 1"),

@@ -18,8 +18,10 @@
 #                    4 launches per sample, nccl-tests also with one thread per GPU
 #   versus-mpi       benchmarks/vs_nccl_tests.py with nccl-tests also built with MPI and run as
 #                    one process per GPU (MPICH from the carried .mpi/mpich-*.whl, unpacked
-#                    into /tmp/mpich); our side also with nccl-tests' buffer rotation
-#                    (rotate=64M), in its shape (50 ops x 20 launches) and in the default one
+#                    into /tmp/mpich); our side first with nccl-tests' workload (its shape,
+#                    50 ops x 20 launches; its buffer rotation, rotate=64M; its memory,
+#                    memory=ncclmem), then that workload in the suite's shape, nccl-tests'
+#                    shape without ncclMemAlloc, and the suite's own plan
 #   bare-probe       benchmarks/nccl_bare_probe.py: raw NCCL, same buffers / nccl-tests'
 #                    rotation / ncclMemAlloc buffers / both
 #   probe            benchmarks/pynccl_probe.py
@@ -104,8 +106,10 @@ for what in "$@"; do
             mpi_home=$(ls -d /tmp/mpich/mpich-*.data/data)
             chmod +x "$mpi_home"/bin/*
             step versus-mpi 540 python3 benchmarks/vs_nccl_tests.py --tools .tools/nccl-tests \
-                --mpi-home "$mpi_home" --also-timing ops=50,launches=20,samples=8,rotate=64M \
-                --also-timing rotate=64M --out "$work/versus-mpi" ;;
+                --mpi-home "$mpi_home" \
+                --timing ops=50,launches=20,samples=8,rotate=64M,memory=ncclmem \
+                --also-timing rotate=64M,memory=ncclmem \
+                --also-timing ops=50,launches=20,samples=8,rotate=64M --out "$work/versus-mpi" ;;
         bare-probe)
             source tools/device-env.sh || exit 3
             step bare-probe 240 python3 benchmarks/nccl_bare_probe.py --out "$work/bare-probe" ;;
