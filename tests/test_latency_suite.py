@@ -59,6 +59,18 @@ class WrongWhenTimed(_Gloo):
         self.calls[rows] = self.calls.get(rows, 0) + 1
         if rows == {BAD_ROWS} and self.calls[rows] > 4:
             out.view(-1)[0] += 1
+
+
+class FirstOutputOnly(_Gloo):
+    # Keeps the first output buffer it is handed per size and writes every later result
+    # there: right as long as a caller always passes the same buffers.
+    name = "first_output_only"
+
+    def setup(self):
+        self.kept = {{}}
+
+    def _all_reduce(self, inp, out):
+        super()._all_reduce(inp, self.kept.setdefault(inp.shape[0], out))
 """
 
 CONFTEST_PY = """
@@ -149,36 +161,6 @@ def test_a_users_case_runner_still_measures_one_backend(pytester: pytest.Pyteste
     result.assert_outcomes(passed=1)
 
 
-STALE_PY = """
-import torch.distributed as dist
-
-from pytest_allreduce.backend import Backend, Limits, VariantSpec
-
-
-class FirstOutputOnly(Backend):
-    # Keeps the first output buffer it is handed per size and writes every later result
-    # there: right as long as a caller always passes the same buffers.
-    name = "first_output_only"
-    variants = (VariantSpec(server_type="cpu_shm"),)
-
-    @classmethod
-    def limits(cls, variant, world_size):
-        return Limits(device="cpu", dtypes=("bfloat16",))
-
-    @classmethod
-    def probe(cls, ctx, variant):
-        return None
-
-    def setup(self):
-        self.kept = {}
-
-    def _all_reduce(self, inp, out):
-        target = self.kept.setdefault(inp.shape[0], out)
-        target.copy_(inp)
-        dist.all_reduce(target, group=self.ctx.cpu_group)
-"""
-
-
 @pytest.mark.parametrize("rotate", [False, True])
 def test_rotating_buffers_checks_every_buffer_set(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, rotate: bool
@@ -189,9 +171,9 @@ def test_rotating_buffers_checks_every_buffer_set(
     plan = "samples=2,ops=4,warmup=1" + (",rotate=1K" if rotate else "")
     monkeypatch.setenv("PYTEST_ALLREDUCE_TIMING", plan)
     pytester.makeini("[pytest]\n")
-    pytester.makepyfile(stale_backend=STALE_PY)
+    pytester.makepyfile(bad_backends=BACKENDS_PY)
     pytester.makeconftest(
-        "from stale_backend import FirstOutputOnly\n\n\n"
+        "from bad_backends import FirstOutputOnly\n\n\n"
         "def pytest_allreduce_register_backends(registry):\n"
         "    registry.register(FirstOutputOnly)\n"
     )
