@@ -47,6 +47,7 @@ import torch.multiprocessing as mp
 from pytest_allreduce.backends.pynccl import NcclLibrary, nccl_dtype, nccl_library
 
 from pytest_allreduce.nccl_env import apply_rank_settings
+from pytest_allreduce.timing import parse_bytes
 
 OPS_PER_GRAPH = 50
 LAUNCHES = 20
@@ -217,14 +218,6 @@ def _rank_main(
     dist.destroy_process_group()
 
 
-def _parse_bytes(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    if text and text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -243,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.device_count() < 2:
         parser.error("needs 2 GPUs")
     sizes = []
-    n = _parse_bytes(args.min_bytes)
-    while n <= _parse_bytes(args.max_bytes):
+    n = parse_bytes(args.min_bytes)
+    while n <= parse_bytes(args.max_bytes):
         sizes.append(n)
         n *= 2
     with tempfile.TemporaryDirectory() as tmp:

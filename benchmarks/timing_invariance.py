@@ -22,18 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+from pytest_allreduce.timing import parse_bytes
+
 TOLERANCE = 0.03
 HIDDEN = 4096
 DTYPE = "bfloat16"
 ROW_BYTES = HIDDEN * 2
-
-
-def parse_bytes(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20}
-    text = text.strip().upper()
-    if text and text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
 
 
 def differencing(per_op: dict[int, float]) -> float | None:

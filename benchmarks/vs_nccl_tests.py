@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_allreduce.timing import parse_bytes
+
 NCCL_TESTS_HOME = Path("/tmp/nccl-tests")  # where build-on-device.sh builds
 ALL_REDUCE_PERF = NCCL_TESTS_HOME / "build" / "all_reduce_perf"
 ALL_REDUCE_PERF_MPI = NCCL_TESTS_HOME / "build-mpi" / "all_reduce_perf"
@@ -109,17 +111,6 @@ def parse_all_reduce_perf(text: str) -> list[NcclTestsRow]:
     if not rows:
         raise ValueError("all_reduce_perf output holds no result line")
     return rows
-
-
-def parse_bytes(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    try:
-        if text and text[-1] in units:
-            return int(text[:-1]) * units[text[-1]]
-        return int(text)
-    except ValueError:
-        raise ValueError(f"not a byte size: {text!r} (e.g. 8K, 64M, 4096)") from None
 
 
 def byte_sizes(smallest: int, largest: int) -> list[int]:

@@ -161,15 +161,26 @@ class TimingPlan:
             raise ValueError(f"{TIMING_ENV}={text!r}: {exc}") from None
 
 
-def _integer(text: str, byte_units: bool) -> int | None:
-    text = text.strip().upper()
+def parse_bytes(text: str) -> int:
+    """A byte count written as an integer with an optional K, M or G (binary units);
+    ValueError naming the text otherwise."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    digits = text.strip().upper()
     scale = 1
-    if byte_units and text[-1:] in _BYTE_UNITS:
-        text, scale = text[:-1], _BYTE_UNITS[text[-1]]
-    return int(text) * scale if text.lstrip("-").isdigit() else None
+    if digits[-1:] in units:
+        digits, scale = digits[:-1], units[digits[-1]]
+    if not digits.lstrip("-").isdigit():
+        raise ValueError(f"not a byte size: {text.strip()!r} (e.g. 8K, 64M, 4096)")
+    return int(digits) * scale
 
 
-_BYTE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+def _integer(text: str, byte_units: bool) -> int | None:
+    try:
+        return parse_bytes(text) if byte_units else int(text.strip())
+    except ValueError:
+        return None
+
+
 MEMORIES = ("torch", "ncclmem")
 
 
