@@ -31,7 +31,6 @@ Prints a table and writes nccl-bare-probe.json to --out (default $OUT or .).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -47,6 +46,7 @@ import torch.multiprocessing as mp
 from pytest_allreduce.backends.pynccl import NcclLibrary, nccl_dtype, nccl_library
 
 from pytest_allreduce.nccl_env import apply_rank_settings
+from pytest_allreduce.ncclmem import NcclMemory
 from pytest_allreduce.timing import parse_bytes
 
 OPS_PER_GRAPH = 50
@@ -73,40 +73,20 @@ VARIANTS = {
 DEFAULT_VARIANTS = "integers,rotated,ncclmem,ncclmem-rotated"
 
 
-class _CudaArray:
-    """A raw device allocation seen by torch without a copy (__cuda_array_interface__)."""
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes // 2,), "typestr": "<u2", "data": (ptr, False), "version": 3,
-        }  # fmt: skip
-
-
 class RankBuffers:
     """One send and one receive buffer of the largest size per allocator, filled once."""
 
-    def __init__(self, lib: NcclLibrary, largest: int, rank: int, device: torch.device) -> None:
-        self.lib, self.largest, self.rank, self.device = lib, largest, rank, device
+    def __init__(self, largest: int, rank: int, device: torch.device) -> None:
+        self.largest, self.rank, self.device = largest, rank, device
         self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.nccl_ptrs: list[int] = []
-
-    def _nccl_alloc(self, nbytes: int) -> torch.Tensor:
-        fn = self.lib.lib.ncclMemAlloc
-        fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
-        fn.restype = ctypes.c_int
-        ptr = ctypes.c_void_p()
-        self.lib.check(fn(ctypes.byref(ptr), nbytes), "ncclMemAlloc")
-        assert ptr.value is not None
-        self.nccl_ptrs.append(ptr.value)
-        return torch.as_tensor(_CudaArray(ptr.value, nbytes), device=self.device).view(
-            torch.bfloat16
-        )
+        self.nccl_memory = NcclMemory(device)
 
     def pair(self, alloc: str) -> tuple[torch.Tensor, torch.Tensor]:
         if alloc not in self.pairs:
             count = self.largest // 2
             if alloc == "ncclmem":
-                send, recv = self._nccl_alloc(self.largest), self._nccl_alloc(self.largest)
+                send = self.nccl_memory.empty((count,), torch.bfloat16)
+                recv = self.nccl_memory.empty((count,), torch.bfloat16)
             else:
                 send = torch.empty(count, dtype=torch.bfloat16, device=self.device)
                 recv = torch.empty_like(send)
@@ -117,13 +97,7 @@ class RankBuffers:
 
     def free(self) -> None:
         self.pairs.clear()
-        torch.cuda.synchronize(self.device)
-        fn = self.lib.lib.ncclMemFree
-        fn.argtypes = [ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-        for ptr in self.nccl_ptrs:
-            self.lib.check(fn(ptr), "ncclMemFree")
-        self.nccl_ptrs.clear()
+        self.nccl_memory.free()
 
 
 def _fill(kind: str, count: int, rank: int, device: torch.device) -> torch.Tensor:
@@ -188,7 +162,7 @@ def _rank_main(
     box = [lib.unique_id() if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     comm = lib.init_rank(2, box[0], rank)
-    buffers = RankBuffers(lib, max(sizes), rank, torch.device("cuda", rank))
+    buffers = RankBuffers(max(sizes), rank, torch.device("cuda", rank))
     results: dict[str, dict[int, list[float]]] = {name: {} for name in names}
 
     def timed(name: str, at: list[int]) -> None:
