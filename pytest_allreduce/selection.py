@@ -32,7 +32,11 @@ The rule, per (world size, hidden, dtype):
 Refinement (bisection) lives here too: the session measures the sizes `refinement_points`
 names, so the config holds keys on both sides of every crossover and of every size limit of
 the consumer (where an entry's run changes), and narrow wins get their neighbours measured
-before they can count.
+before they can count. And settling: at a size beside a change of choice, the choice is
+one size's comparison against a threshold, so a run whose samples there land on the other
+side writes another config. Where that comparison is within the sampling noise of its own
+samples (`unsettled_sizes`), the session times the two entries meeting there again and
+adds the samples, until it is not or the samples reach their cap.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ MAX_BISECTION_ROUNDS = 6
 # ... and does not split an interval narrower than this fraction of its lower end (at least 2
 # rows): a server's nearest-key lookup gains nothing from finer keys.
 BISECTION_RESOLUTION = 1 / 16
+# Settling times the two entries at an unsettled size again, adding the plan's samples each
+# time, until each has this many times the plan's samples there.
+SETTLING_MAX_FACTOR = 4
 # The job entries are timed on: the server's allreduce + residual add + RMSNorm.
 SELECTION_JOB: Job = "fused"
 # The config type of the always-available standard path, per device.
@@ -210,6 +217,27 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Unsettled:
+    """A size beside a change of choice where the choice between the two entries meeting
+    there is within the sampling noise of their samples at that size."""
+
+    rows: int
+    variants: tuple[str, str]  # what the two entries run there: the cases to time again
+    margin: float  # how far the choice clears its threshold, in log units
+    sigma: float  # the sampling error of that margin
+    samples: int  # the fewer samples of the two there
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "variants": list(self.variants),
+            "margin": self.margin,
+            "sigma": self.sigma,
+            "z": self.margin / self.sigma if self.sigma > 0 else math.inf,
+            "samples": self.samples,
+        }
+
+
+@dataclass(frozen=True)
 class Choice:
     """What the server runs at one batch size, and why."""
 
@@ -284,6 +312,8 @@ class Selection:
     # sizes where one entry won beyond noise alone, too narrowly to count yet
     narrow_wins: dict[int, str] = field(default_factory=dict)
     segment_price: float = 0.0  # what a challenger segment must pay for itself (log units)
+    # sizes beside a change of choice still decided within sampling noise after settling
+    unsettled: dict[int, Unsettled] = field(default_factory=dict)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -341,6 +371,7 @@ class Selection:
             },
             "segments": [s.to_json() for s in self.segments],
             "narrow_wins": {str(bs): why for bs, why in sorted(self.narrow_wins.items())},
+            "unsettled": {str(bs): u.to_json() for bs, u in sorted(self.unsettled.items())},
         }
 
 
@@ -721,6 +752,52 @@ def change_resolved(selection: Selection, lo: int, hi: int) -> bool:
     return abs(at_lo - at_hi) > noise.Z * math.sqrt(var_lo + var_hi)
 
 
+def unsettled_sizes(selection: Selection) -> dict[int, Unsettled]:
+    """Sizes beside a change of entry (on either side of it) where the choice between the
+    two entries meeting there is within the sampling noise of their samples at that size.
+
+    What decides such a size is the segmentation's per-size score: a challenger's log gain
+    over the default less WORTH, the default's 0. Between the entries A and B meeting at a
+    change, the score difference at a size is ``ln(t_B / t_A)``, less WORTH for each side
+    that is a challenger there; the choice is settled where that clears Z times the
+    standard error of the two medians (`noise.log_median_se`). Anything else (a slow
+    neighbour, the drift of the whole run) moves both sides of a choice alike and more
+    samples here cannot remove it; the sampling error is what makes two runs land on either
+    side. A change of one entry's run (a consumer size limit) decides nothing and is skipped.
+    """
+    found: dict[int, Unsettled] = {}
+    sizes = sorted(selection.choices)
+    for lo, hi in itertools.pairwise(sizes):
+        first, second = selection.choices[lo], selection.choices[hi]
+        if first.entry == second.entry:
+            continue
+        for rows in (lo, hi):
+            timed = {t.entry: t for t in selection.timings.get(rows, ()) if t.eligible}
+            a, b = timed.get(first.entry), timed.get(second.entry)
+            default = timed.get(selection.choices[rows].default)
+            if a is None or b is None or default is None or not a.median_us or not b.median_us:
+                continue
+            runs_default = (default.run.variant, default.run.fused)
+            a_challenges = (a.run.variant, a.run.fused) != runs_default
+            b_challenges = (b.run.variant, b.run.fused) != runs_default
+            if not (a_challenges or b_challenges):
+                continue  # both run the default's path: no choice is made here
+            margin = math.log(b.median_us / a.median_us)
+            margin += WORTH * (int(b_challenges) - int(a_challenges))
+            if rows == hi:
+                margin = -margin  # positive: the side chosen here is the one its score favours
+            sigma = math.hypot(a.se, b.se)
+            if abs(margin) < noise.Z * sigma:
+                found[rows] = Unsettled(
+                    rows,
+                    (a.run.variant, b.run.variant),
+                    margin,
+                    sigma,
+                    min(len(a.samples_us), len(b.samples_us)),
+                )
+    return found
+
+
 def worth_splitting(measured: Iterable[int], point: int) -> bool:
     """Whether `point` splits an interval of measured sizes still wider than the resolution."""
     measured = set(measured)
@@ -736,11 +813,14 @@ def select_with_bisection(
     key: GroupKey,
     measure_size: Callable[[int], None],
     agree: Callable[[list[int]], list[int]] = lambda points: points,
+    settle: Callable[[list[Unsettled]], list[int]] = lambda unsettled: [],
 ) -> Selection:
-    """Select, then measure the sizes refinement asks for and select again, until nothing is
-    left to refine or the rounds run out. `measure_size(rows)` runs every check and timing at
-    `rows`; `agree` makes all ranks of a torchrun job measure the same sizes. Consumer size
-    limits are refined up to the largest size the plan timed."""
+    """Select, then measure the sizes refinement asks for, settle the unsettled ones and
+    select again, until nothing is left to refine or settle, or the rounds run out.
+    `measure_size(rows)` runs every check and timing at `rows`; `settle(unsettled)` times the
+    entries of each again, adding samples, and returns the sizes where it did (none once
+    the samples reach their cap); `agree` makes all ranks of a torchrun job measure the same
+    sizes. Consumer size limits are refined up to the largest size the plan timed."""
     chosen = select(store, key)
     largest = max(store.batch_sizes(key), default=0)
     # A size whose measurement gave no timing (every variant failed a check there) is not
@@ -748,10 +828,12 @@ def select_with_bisection(
     tried = set(store.batch_sizes(key))
     for _ in range(MAX_BISECTION_ROUNDS):
         points = agree(refinement_points(chosen, tried, largest))
-        if not points:
+        settled = settle(list(unsettled_sizes(chosen).values()))
+        if not points and not settled:
             break
         for rows in points:
             measure_size(rows)
         tried |= set(points) | set(store.batch_sizes(key))
         chosen = select(store, key)
+    chosen.unsettled = unsettled_sizes(chosen)
     return chosen

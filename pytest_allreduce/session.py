@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +32,13 @@ if TYPE_CHECKING:
     from .outputdir import OutputDir
     from .plan import Plan
     from .registry import BackendRegistry
-    from .selection import Selection
+    from .selection import Selection, Unsettled
     from .timing import TimingPlan
     from .xdist_roles import Role
 
 PLUGIN_NAME = "allreduce-session"
 # Test ids of the checks session-end work runs start with one of these.
-SESSION_END_STEPS: tuple[str, ...] = ("bisection", "routed size")
+SESSION_END_STEPS: tuple[str, ...] = ("bisection", "settling", "routed size")
 
 
 @dataclass(frozen=True)
@@ -519,8 +519,44 @@ class AllreduceSession:
             return agreed
 
         return select_with_bisection(
-            self.store, key, measure_size=lambda rows: self.measure_size(key, rows), agree=agree
+            self.store,
+            key,
+            measure_size=lambda rows: self.measure_size(key, rows),
+            agree=agree,
+            settle=lambda unsettled: self.settle_sizes(key, unsettled),
         )
+
+    def settle_sizes(self, key: GroupKey, unsettled: list[Unsettled]) -> list[int]:
+        """Time the two entries of each unsettled size together again and add the samples
+        to theirs, while they hold fewer than SETTLING_MAX_FACTOR x the plan's samples;
+        returns the sizes that got samples."""
+        from .selection import SELECTION_JOB, SETTLING_MAX_FACTOR
+
+        cap = SETTLING_MAX_FACTOR * self.timing_plan.samples
+        todo = [(u.rows, u.variants) for u in unsettled if u.samples < cap]
+        todo = self.engine.agree(key.world_size, todo)
+        if todo:
+            sizes = ", ".join(str(rows) for rows, _ in todo)
+            self.progress(f"settling: {len(todo)} for {_group_label(key)} ({sizes})")
+        settled = []
+        for rows, variants in todo:
+            cases = [
+                Target(v, key.world_size, key.hidden, key.dtype).at(rows)
+                for v in dict.fromkeys(variants)
+            ]
+            outcome = self.engine.measure_interleaved(cases, SELECTION_JOB, self.timing_plan)
+            for latency in outcome.latencies:
+                earlier = self.store.latency(latency.case, SELECTION_JOB)
+                if earlier is not None:
+                    latency = replace(
+                        latency, samples_us=[*earlier.samples_us, *latency.samples_us]
+                    )
+                self.record_latency(latency)
+            for case, verdict in latency_verdicts(outcome, "settling").items():
+                self.record_verdict(case, verdict)
+            if outcome.latencies:
+                settled.append(rows)
+        return settled
 
     def _publish_benchmarks(self, selections: dict[GroupKey, Selection]) -> None:
         """Every latency of the session, as records of pytest-benchmark's own session."""

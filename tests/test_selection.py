@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -495,3 +496,83 @@ def test_bisection_converges_to_keys_beside_crossovers_and_stops() -> None:
     assert min(after) - max(fused) <= max(2, max(fused) // 16)
     assert config[1023].backend_name == "custom_ar" and config[1024].backend_name == "pynccl"
     assert len(measured) == len(set(measured))
+
+
+# ---- settling ------------------------------------------------------------------------------
+
+
+def _crossover_store(shm_at_1008: float, rel: float) -> tuple[ResultStore, list[int]]:
+    """cpu_shm twice as fast as gloo up to 504 rows, `shm_at_1008` us against gloo's 100 at
+    1008, 30% slower at 2048; 8 samples per size with log spread `rel`."""
+    sizes = [*range(32, 512, 8), 1008, 2048]
+    store = cpu_store()
+
+    def shm(bs: int) -> float:
+        return 50.0 if bs <= 504 else shm_at_1008 if bs == 1008 else 130.0
+
+    for i, bs in enumerate(sizes):
+        measure(store, "gloo", bs, noisy(100.0, 2 * i, n=8, rel=rel))
+        measure(store, "cpu_shm", bs, noisy(shm(bs), 2 * i + 1, n=8, rel=rel))
+    return store, sizes
+
+
+Calls = list[tuple[int, tuple[str, str]]]
+
+
+def _settle_with_truth(
+    store: ResultStore, shm_at_1008: float, rel: float, calls: Calls
+) -> Callable[[list[sel.Unsettled]], list[int]]:
+    """A session's settle: 8 more samples of each named variant, up to 32 (the cap)."""
+
+    def settle(unsettled: list[sel.Unsettled]) -> list[int]:
+        done = []
+        for u in unsettled:
+            if u.samples >= 32:
+                continue
+            calls.append((u.rows, u.variants))
+            for name in u.variants:
+                case = Target(name, WS, HIDDEN, DTYPE).at(u.rows)
+                old = store.latency(case, "fused")
+                truth = 100.0 if name == "gloo" else shm_at_1008 if u.rows == 1008 else 130.0
+                seed = 500 + len(calls) * 2 + (name == "gloo")
+                measure(store, name, u.rows, [*old.samples_us, *noisy(truth, seed, n=8, rel=rel)])  # type: ignore[union-attr]
+            done.append(u.rows)
+        return done
+
+    return settle
+
+
+def test_a_choice_beside_a_crossover_within_its_sampling_noise_is_unsettled() -> None:
+    store, _ = _crossover_store(shm_at_1008=80.0, rel=0.15)
+    result = sel.select(store, KEY)
+    assert picks(result)[1008] == "cpu_shm" and picks(result)[2048] == "gloo"
+    unsettled = sel.unsettled_sizes(result)
+    # 1008: a 22% gain (0.19 beyond the switch's worth) against a sampling error of about
+    # 0.09 at 8 samples of 15% spread; 2048: 30% slower, far beyond it; 504 is no boundary.
+    assert set(unsettled) == {1008}
+    u = unsettled[1008]
+    assert set(u.variants) == {"gloo", "cpu_shm"} and u.samples == 8
+    assert 0 < u.margin < noise.Z * u.sigma
+
+
+def test_settling_adds_samples_until_the_choice_clears_its_noise() -> None:
+    store, _ = _crossover_store(shm_at_1008=80.0, rel=0.15)
+    calls: Calls = []
+    settle = _settle_with_truth(store, 80.0, 0.15, calls)
+    result = sel.select_with_bisection(store, KEY, lambda rows: None, settle=settle)
+    assert calls and {rows for rows, _ in calls} == {1008}
+    samples = len(store.latency(Target("gloo", WS, HIDDEN, DTYPE).at(1008), "fused").samples_us)  # type: ignore[union-attr]
+    assert 8 < samples < 32  # settled before the cap
+    assert picks(result)[1008] == "cpu_shm" and result.unsettled == {}
+    assert json.loads(json.dumps(result.to_json()))["unsettled"] == {}
+
+
+def test_settling_stops_at_its_cap_and_says_what_stayed_unsettled() -> None:
+    # A 3.5% gain at 1008: within the noise of even 32 samples of 15% spread.
+    store, _ = _crossover_store(shm_at_1008=93.5, rel=0.15)
+    calls: Calls = []
+    settle = _settle_with_truth(store, 93.5, 0.15, calls)
+    result = sel.select_with_bisection(store, KEY, lambda rows: None, settle=settle)
+    assert calls.count(calls[0]) == 3  # 8 samples, then three more rounds to the cap of 32
+    assert 1008 in result.unsettled and result.unsettled[1008].samples == 32
+    assert result.to_json()["unsettled"]["1008"]["samples"] == 32
