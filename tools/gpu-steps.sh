@@ -24,6 +24,8 @@
 #                    shape without ncclMemAlloc, and the suite's own plan
 #   bare-probe       benchmarks/nccl_bare_probe.py: raw NCCL, same buffers / nccl-tests'
 #                    rotation / ncclMemAlloc buffers / both
+#   profile          benchmarks/profile_checks.py: what each check of the table costs per call
+#                    through the engine and inside the ranks, with rank 0's profile
 #   probe            benchmarks/pynccl_probe.py
 #   invariance       benchmarks/timing_invariance.py
 #   gsm8k            the accuracy suite on the joined GGUF, all 1319 questions, every backend
@@ -113,6 +115,15 @@ for what in "$@"; do
         bare-probe)
             source tools/device-env.sh || exit 3
             step bare-probe 240 python3 benchmarks/nccl_bare_probe.py --out "$work/bare-probe" ;;
+        profile)
+            source tools/device-env.sh || exit 3
+            step profile 240 python3 benchmarks/profile_checks.py --device cuda \
+                --backends nccl,custom_ar,flashinfer_fusion_one_shot --sizes 1,256,504 \
+                --checks numerics::exact_sum,numerics::rounded_sum,numerics::edge_values,numerics::fused_job,graph::graph_replays \
+                --repeat 3 --out "$work/profile"
+            step profile-stress 120 python3 benchmarks/profile_checks.py --device cuda \
+                --backends nccl,custom_ar --checks stress::back_to_back --repeat 1 \
+                --out "$work/profile-stress" ;;
         probe)
             source tools/device-env.sh || exit 3
             step probe 240 python3 benchmarks/pynccl_probe.py --out "$work/probe" ;;

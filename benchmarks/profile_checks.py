@@ -1,0 +1,125 @@
+"""Where a check's time goes: per check of the table, the wall time of a call through the
+engine (as a suite test makes it), of the rank function alone, and the rank function's
+profile on rank 0 (issue 13, item 5: the main job's speed).
+
+For each check, backend and size: one call to warm up (set-up, input pools), then `--repeat`
+calls through `Engine.run_check` (pool round trip, pickling, outcome), then `--repeat` calls
+of the rank function inside the ranks under cProfile. The difference of the first two is what
+the pool costs per call; the profile says what the rest is (host syncs show as
+`synchronize`/`item`, digests as `digest`, object gathers as `all_gather_object`).
+
+    python benchmarks/profile_checks.py [--device cpu|cuda] [--backends nccl,custom_ar]
+        [--sizes 1,256,504] [--checks numerics::exact_sum,graph::graph_replays] [--repeat 5]
+        [--top 18] [--out DIR]
+
+Prints a table of per-call times and, per check, rank 0's profile; writes
+profile-checks.json to --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_allreduce.checktable import CHECKS
+from pytest_allreduce.engine import standalone_engine
+from pytest_allreduce.model import Target
+
+
+def noop(ctx: Any) -> int:
+    return ctx.rank
+
+
+def profiled(ctx: Any, label: str, work: Any, rows: int, repeat: int, top: int) -> dict:
+    """The check `label` at `rows`, `repeat` times under cProfile: wall per call and rank 0's
+    profile (sorted by own time)."""
+    check = next(c for c in CHECKS if c.label == label)
+    profiler = cProfile.Profile()
+    walls = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        profiler.enable()
+        check.fn(ctx, work, rows, *check.args)
+        profiler.disable()
+        walls.append(time.perf_counter() - began)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return {"walls_s": walls, "profile": text.getvalue() if ctx.rank == 0 else ""}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--backends", default="nccl")
+    parser.add_argument("--sizes", default="1,256,504")
+    parser.add_argument("--checks", default="")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    backends = args.backends.split(",")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    wanted = args.checks.split(",") if args.checks else [c.label for c in CHECKS]
+    checks = [c for c in CHECKS if c.label in wanted and c.sizes != "limits"]
+    engine = standalone_engine(args.device, backends, 2, 4096, "bfloat16", sizes, 120.0)
+    found: list[dict[str, Any]] = []
+    try:
+        engine.call(2, noop)
+        began = time.perf_counter()
+        for _ in range(50):
+            engine.call(2, noop)
+        noop_ms = (time.perf_counter() - began) / 50 * 1e3
+        print(f"pool round trip (no-op on every rank): {noop_ms:.2f} ms")
+        print(f"{'check':28} {'backend':22} {'rows':>5} {'engine ms':>10} {'rank fn ms':>10}")
+        for check in checks:
+            if check.needs_graphs and args.device != "cuda":
+                continue
+            for backend in backends:
+                target = Target(backend, 2, 4096, "bfloat16")
+                for rows in check.extra_rows if check.sizes == "listed" else sizes:
+                    case = target.at(rows)
+                    try:
+                        engine.run_check(check, case)  # warm: set-up, input pools
+                    except Exception as exc:  # a refusal or a failure: say so and go on
+                        print(f"{check.label:28} {backend:22} {rows:5d} skipped: {exc}")
+                        continue
+                    began = time.perf_counter()
+                    for _ in range(args.repeat):
+                        engine.run_check(check, case)
+                    engine_ms = (time.perf_counter() - began) / args.repeat * 1e3
+                    work = engine.require(case)
+                    ranks = engine.call(
+                        2, profiled, check.label, work, rows, args.repeat, args.top
+                    )
+                    rank_ms = max(sum(r["walls_s"]) for r in ranks) / args.repeat * 1e3
+                    print(f"{check.label:28} {backend:22} {rows:5d} {engine_ms:10.2f} {rank_ms:10.2f}")
+                    found.append(
+                        {
+                            "check": check.label,
+                            "backend": backend,
+                            "rows": rows,
+                            "engine_ms": engine_ms,
+                            "rank_fn_ms": rank_ms,
+                            "profile_rank0": ranks[0]["profile"],
+                        }
+                    )
+        for entry in found:
+            print(f"\n==== {entry['check']} {entry['backend']} {entry['rows']} rows (rank 0)")
+            print(entry["profile_rank0"])
+    finally:
+        engine.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"pool_round_trip_ms": noop_ms, "device": args.device, "calls": found}
+    (out / "profile-checks.json").write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+    main()
