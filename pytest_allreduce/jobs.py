@@ -384,10 +384,43 @@ def pair_holders(rows: int, world_size: int, device: torch.device) -> tuple[torc
     return first, (first + step) % world_size
 
 
+# splitmix64's constants as signed 64-bit integers (torch has no unsigned 64-bit arithmetic).
+_MIX = tuple(
+    c - (1 << 64) if c >= 1 << 63 else c
+    for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+)
+
+
 def digest(t: torch.Tensor) -> str:
-    """A hash of the exact bits, to prove every rank ended with identical results."""
-    raw = t.detach().contiguous().view(torch.uint8).cpu().numpy()
-    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+    """A fingerprint of the exact bits, to prove every rank ended with identical results.
+
+    On the CPU, blake2b of the bytes. On a GPU, `word_fingerprint`, computed where the bits
+    are: copying them to the host and hashing them there was most of a numerics check's time
+    on 2 x H200 (8-11 ms of a 12-40 ms check at 504 rows).
+    """
+    raw = t.detach().contiguous().view(-1).view(torch.uint8)
+    if raw.device.type == "cpu":
+        return hashlib.blake2b(raw.numpy(), digest_size=8).hexdigest()
+    return word_fingerprint(raw)
+
+
+def word_fingerprint(raw: torch.Tensor) -> str:
+    """The sum, modulo 2^64, of the 32-bit words of the bytes `raw`, each times an odd weight
+    mixed from its position (splitmix64's finaliser), and the byte count: two different byte
+    strings of one length get the same sum only if their weighted differences cancel, which
+    for any one difference happens with probability about 2^-32 at worst."""
+    length = raw.numel()
+    if length % 4:
+        raw = torch.cat([raw, raw.new_zeros(4 - length % 4)])
+    words = raw.view(torch.int32).to(torch.int64)
+    # int64 arithmetic wraps modulo 2^64; the shifts are arithmetic, which still mixes.
+    weights = torch.arange(words.numel(), device=raw.device, dtype=torch.int64)
+    weights = weights * _MIX[0] + 1
+    weights = (weights ^ (weights >> 30)) * _MIX[1]
+    weights = (weights ^ (weights >> 27)) * _MIX[2]
+    weights = (weights ^ (weights >> 31)) | 1
+    total = int((words * weights).sum().item()) % (1 << 64)
+    return f"{total:016x}-{length}"
 
 
 @dataclass(frozen=True)

@@ -331,3 +331,30 @@ def test_flashinfer_fp4_scales_are_read_back_from_the_128x4_tiling(rows: int, co
             at += (r % 32) * 16 + (r % 128) // 32 * 4 + c % 4
             swizzled[at] = matrix[r, c]
     assert torch.equal(unswizzle_128x4(swizzled, rows, cols), matrix)
+
+
+# ---- the digest of a GPU output (computed on the device) -------------------------------------
+
+
+def test_word_fingerprint_changes_with_any_bit_and_any_order() -> None:
+    from pytest_allreduce.jobs import word_fingerprint
+
+    rng = torch.Generator().manual_seed(5)
+    t = torch.randn(37, 129, generator=rng).to(torch.bfloat16)
+    raw = t.view(-1).view(torch.uint8)
+    base = word_fingerprint(raw)
+    assert word_fingerprint(raw.clone()) == base
+    for position in torch.randint(0, raw.numel(), (200,), generator=rng).tolist():
+        for bit in (0, 3, 7):
+            flipped = raw.clone()
+            flipped[position] ^= 1 << bit
+            assert word_fingerprint(flipped) != base, (position, bit)
+    words = raw.view(torch.int16).clone()
+    words[[0, 1]] = words[[1, 0]]  # two values swapped: the same multiset of bits
+    if not torch.equal(words[0], words[1]):
+        assert word_fingerprint(words.view(torch.uint8)) != base
+    zeros = torch.zeros(8, dtype=torch.bfloat16)
+    assert word_fingerprint(zeros.view(torch.uint8)) != word_fingerprint((-zeros).view(torch.uint8))
+    # lengths that are no multiple of a word, and their zero padding
+    odd = torch.arange(7, dtype=torch.uint8)
+    assert word_fingerprint(odd) != word_fingerprint(torch.cat([odd, odd.new_zeros(1)]))
