@@ -27,6 +27,7 @@ from .jobs import (
     JobBuffers,
     Work,
     backend_for,
+    capturing,
     digest,
     edge_pairs,
     exact_inputs,
@@ -565,7 +566,7 @@ def graph_replays(ctx: RankContext, work: Work, rows: int, replays: int) -> Chec
     with backend.capture():
         for step in steps:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
+            with capturing(graph, stream):
                 step.call_and_check(backend)
             graphs.append(graph)
     registered = backend.after_capture()
@@ -717,7 +718,7 @@ def _replay_stress(ctx: RankContext, backend: Backend, stress: CheckedCall, repl
     torch.cuda.synchronize()
     ctx.barrier()
     graph = torch.cuda.CUDAGraph()
-    with backend.capture(), torch.cuda.graph(graph, stream=stream):
+    with backend.capture(), capturing(graph, stream):
         stress.call_and_check(backend)
     backend.after_capture()
     for _ in range(replays):

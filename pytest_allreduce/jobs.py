@@ -5,9 +5,10 @@ availability vote.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -498,3 +499,19 @@ def pooled(
     offset = rows * 97 % POOL_ROWS
     index = (torch.arange(rows, device=ctx.device) + offset) % POOL_ROWS
     return tuple(t.index_select(0, index) if t.dim() == 2 else t for t in pool)
+
+
+@contextlib.contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> Iterator[None]:
+    """Capture the work of the block into `graph` on `stream`, as `torch.cuda.graph` does,
+    but without emptying the caching allocator before the capture. `torch.cuda.graph` does
+    that on every capture, to leave the graph room; the latency suite captures about 30
+    graphs per test and the graph suite 4 per check, and each emptying hands every cached
+    block back to the driver, to be allocated again by the next check."""
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            yield
+        finally:
+            graph.capture_end()

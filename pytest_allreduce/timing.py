@@ -52,6 +52,7 @@ from .jobs import (
     JobBuffers,
     Work,
     backend_for,
+    capturing,
     engaged,
     exact_inputs,
     integer_base,
@@ -121,8 +122,11 @@ class TimingPlan:
         if device == "cuda":
             # With the ranks aligned on the device the per-op figure no longer depends on the
             # op count; 32 ops keep a graph's head and tail under 1% of a small op and a
-            # sample short. Three instances: one bad capture cannot move the median.
-            plan = cls(samples=24, ops_per_sample=32, warmup=2, instances=3)
+            # sample short. Three instances: one bad capture cannot move the median. 12
+            # samples: on 2 x H200 one median's noise is about 0.2% (roughness 0.002), so
+            # 24 bought nothing a decision used; where one is close, settling adds samples
+            # (up to 4x, `selection.unsettled_sizes`).
+            plan = cls(samples=12, ops_per_sample=32, warmup=2, instances=3)
         else:
             # CPU collectives take milliseconds: single ops, few samples, one instance (there
             # is no capture to vary) keep the default run short.
@@ -533,7 +537,7 @@ def _prepare(
     with backend.capture():
         for inst in bufs:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
+            with capturing(graph, stream):
                 _ops(backend, job, inst, plan.ops_per_sample)()
             graphs.append(graph)
     backend.after_capture()
