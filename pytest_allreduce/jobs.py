@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -393,15 +394,18 @@ _MIX = tuple(
 
 
 def digest(t: torch.Tensor) -> str:
-    """A fingerprint of the exact bits, to prove every rank ended with identical results.
+    """A fingerprint of the exact bits, to prove every rank ended with identical results:
+    two different results get the same one with probability about 2^-32.
 
-    On the CPU, blake2b of the bytes. On a GPU, `word_fingerprint`, computed where the bits
-    are: copying them to the host and hashing them there was most of a numerics check's time
-    on 2 x H200 (8-11 ms of a 12-40 ms check at 504 rows).
+    On the CPU, the CRC-32 of the bytes (0.65 ms for 4 MB on the 2-core machine, against
+    3.5 ms for blake2b, which was a quarter of a fused-job check there). On a GPU,
+    `word_fingerprint`, computed where the bits are: copying them to the host and hashing
+    them there was most of a numerics check's time on 2 x H200 (8-11 ms of a 12-40 ms check
+    at 504 rows).
     """
     raw = t.detach().contiguous().view(-1).view(torch.uint8)
     if raw.device.type == "cpu":
-        return hashlib.blake2b(raw.numpy(), digest_size=8).hexdigest()
+        return f"{zlib.crc32(raw.numpy()):08x}-{raw.numel()}"
     return word_fingerprint(raw)
 
 
