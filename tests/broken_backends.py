@@ -90,6 +90,28 @@ class IgnoresEps(_OverGloo):
         add_rms_norm(out.device).fn(out, residual_out, weight, eps * 1e4)
 
 
+class RankDivergentNorm(_OverGloo):
+    """A fused kernel whose ranks round their normalised outputs differently (each rank
+    normalises its own copy of the sum, one of them with another reduction order): rank 1's
+    output differs from rank 0's in the last bit of every 97th element. Every rank's output
+    is within the norm's error bound; only comparing the ranks' bits finds it, and in a server
+    the ranks' activations, meant to be identical, drift apart."""
+
+    name = "rank_divergent_norm"
+    variants = (
+        VariantSpec(server_type="gloo", fused=True, summary="fused, last bit differs by rank"),
+    )
+    dtypes = ("bfloat16",)
+
+    def _fused(self, inp, residual, weight, eps, out, residual_out) -> None:
+        self._all_reduce(inp, out)
+        residual_out.copy_(residual)
+        add_rms_norm(out.device).fn(out, residual_out, weight, eps)
+        if self.ctx.rank == 1:
+            every = out.view(-1)[::97]
+            every.copy_((every.view(torch.int16) ^ 1).view(torch.bfloat16))
+
+
 class BandedGloo(GlooBackend):
     """gloo, right at every size but 41 to 47 rows, where its last row is never reduced (a
     tail loop that only runs for some sizes): no plan of 1, 32, 64 measures a size in the
@@ -225,6 +247,7 @@ BROKEN: tuple[type[Backend], ...] = (
     TruncatingSum,
     Float16Accumulator,
     IgnoresEps,
+    RankDivergentNorm,
     WrongFromCall129,
     RacyBackToBack,
     HangsAt32,

@@ -48,6 +48,7 @@ BROKEN_SUMS = (
     "truncating_sum",
     "float16_accumulator",
     "ignores_eps",
+    "rank_divergent_norm",
     "wrong_from_call_129",
     "racy_back_to_back",
 )
@@ -159,6 +160,15 @@ def test_small_activations_a_wrong_epsilon_is_caught_by_the_fused_job(broken_run
     failed = broken_run.failed_tests("ignores_eps")
     assert len([t for t in failed if "fused_job" in t]) == 5, failed
     assert "eps 1e-06: normalised output" in broken_run.output
+
+
+def test_ranks_that_end_with_different_bits_are_caught_by_the_digests(broken_run: Run) -> None:
+    # Each rank's output is within the norm's bound: the comparison of the ranks' digests
+    # is the only check that can see it, at every size the fused job is checked.
+    failed = broken_run.failed_tests("rank_divergent_norm")
+    assert len([t for t in failed if "fused_job" in t]) == 5, failed
+    assert "ranks ended with different results" in broken_run.output
+    assert "disqualified" in broken_run.exclusion("rank_divergent_norm")
 
 
 @pytest.fixture(scope="module")
