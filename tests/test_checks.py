@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -358,3 +359,94 @@ def test_word_fingerprint_changes_with_any_bit_and_any_order() -> None:
     # lengths that are no multiple of a word, and their zero padding
     odd = torch.arange(7, dtype=torch.uint8)
     assert word_fingerprint(odd) != word_fingerprint(torch.cat([odd, odd.new_zeros(1)]))
+
+
+class _SoloSum:
+    """A one-rank allreduce (the sum is the input), optionally wrong from a given call on:
+    `fault(call, out)` spoils the output of a call."""
+
+    fused = False
+
+    def __init__(self, fault: Any = None) -> None:
+        self.calls = 0
+        self.fault = fault
+        self.previous: torch.Tensor | None = None
+
+    def all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(inp)
+        right = inp.clone()
+        if self.fault is not None:
+            self.fault(self, out)
+        self.previous = right
+        self.calls += 1
+
+
+def _stale_from_call_20(backend: _SoloSum, out: torch.Tensor) -> None:
+    if backend.calls >= 20 and backend.previous is not None:
+        out.copy_(backend.previous)  # the call before's sum: a buffer reused too early
+
+
+def _one_unwritten(backend: _SoloSum, out: torch.Tensor) -> None:
+    out.view(-1)[-1] = float("nan")
+
+
+@pytest.mark.parametrize("graph_path", [False, True], ids=["host_numbered", "device_indexed"])
+@pytest.mark.parametrize("job", ["allreduce", "fused"])
+def test_checked_call_counts_every_wrong_call_in_both_modes(job: str, graph_path: bool) -> None:
+    """The stress and graph suites' step: a right backend gives no problem; a stale output
+    from call 20 on, and a single NaN in every output, are counted call by call, the same
+    whether the host numbers the calls (eager stress) or the device keeps the shift index
+    (the step as captured in a graph)."""
+    ctx = SimpleNamespace(rank=0, world_size=1, device=CPU)
+    target = SimpleNamespace(hidden=64, dtype="bfloat16")
+    work = SimpleNamespace(target=target, dtype=torch.bfloat16)
+    calls = 40
+
+    def run(backend: _SoloSum) -> list[str]:
+        step = checks.CheckedCall(ctx, work, 5, job, seed=3, calls=0 if graph_path else calls)
+        for call in range(calls):
+            step.call_and_check(backend, None if graph_path else call)
+        return step.problems("test", calls)
+
+    assert run(_SoloSum()) == []
+    stale = run(_SoloSum(_stale_from_call_20))
+    assert len(stale) == 1 and f"20 of {calls} back-to-back calls" in stale[0], stale
+    unwritten = run(_SoloSum(_one_unwritten))
+    # A NaN in the sum: wrong in the allreduce's output, and in the fused job's residual-out
+    # and normalised output (the composed norm spreads it over the row).
+    assert len(unwritten) == 1 and f"{calls} of {calls} back-to-back calls" in unwritten[0]
+
+
+def test_checked_call_norm_window_accepts_its_bound_and_nothing_beyond() -> None:
+    """The fused check's window: a normalised output moved by the bound's own size passes,
+    one moved by a few bounds fails, both counted per call."""
+    ctx = SimpleNamespace(rank=0, world_size=1, device=CPU)
+    target = SimpleNamespace(hidden=64, dtype="float32")
+    work = SimpleNamespace(target=target, dtype=torch.float32)
+    bound = checks.norm_relative_bound(torch.float32, 64)
+
+    class Scaled(_SoloSum):
+        fused = True
+
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+        def fused_add_rms_norm(
+            self,
+            x: torch.Tensor,
+            residual: torch.Tensor,
+            weight: torch.Tensor,
+            eps: float,
+            out: torch.Tensor,
+            residual_out: torch.Tensor,
+        ) -> None:
+            total = x + residual
+            residual_out.copy_(total)
+            out.copy_(total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps) * self.factor)
+
+    for factor, wrong in ((1 + bound / 2, False), (1 + 4 * bound, True)):
+        step = checks.CheckedCall(ctx, work, 5, "fused", seed=3, calls=10)
+        for call in range(10):
+            step.call_and_check(Scaled(factor), call)
+        assert bool(step.problems("test", 10)) == wrong, factor
