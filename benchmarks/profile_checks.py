@@ -10,7 +10,12 @@ the pool costs per call; the profile says what the rest is (host syncs show as
 
     python benchmarks/profile_checks.py [--device cpu|cuda] [--backends nccl,custom_ar]
         [--sizes 1,256,504] [--checks numerics::exact_sum,graph::graph_replays] [--repeat 5]
-        [--top 18] [--out DIR]
+        [--top 18] [--timings allreduce,fused] [--out DIR]
+
+--timings also profiles the latency suite's work: every named backend timed together at
+each size (`timing.measure_interleaved` with the device's plan), rank 0's profile sorted by
+cumulative time, so that set-up and captures, the timed rounds and the output checks show
+apart. (--checks none leaves the checks out.)
 
 Prints a table of per-call times and, per check, rank 0's profile; writes
 profile-checks.json to --out (default $OUT or .).
@@ -31,6 +36,7 @@ from typing import Any
 from pytest_allreduce.checktable import CHECKS
 from pytest_allreduce.engine import standalone_engine
 from pytest_allreduce.model import Target
+from pytest_allreduce.timing import TimingPlan, measure_interleaved
 
 
 def noop(ctx: Any) -> int:
@@ -54,6 +60,22 @@ def profiled(ctx: Any, label: str, work: Any, rows: int, repeat: int, top: int) 
     return {"walls_s": walls, "profile": text.getvalue() if ctx.rank == 0 else ""}
 
 
+def profiled_timing(ctx: Any, works: list[Any], rows: int, job: str, repeat: int, top: int) -> dict:
+    """One interleaved timing of `works` at `rows`, `repeat` times under cProfile."""
+    plan = TimingPlan.for_device(ctx.device.type)
+    profiler = cProfile.Profile()
+    walls = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        profiler.enable()
+        measure_interleaved(ctx, works, rows, job, plan)  # type: ignore[arg-type]
+        profiler.disable()
+        walls.append(time.perf_counter() - began)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    return {"walls_s": walls, "profile": text.getvalue() if ctx.rank == 0 else ""}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -62,12 +84,15 @@ def main() -> None:
     parser.add_argument("--checks", default="")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--timings", default="")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     backends = args.backends.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     wanted = args.checks.split(",") if args.checks else [c.label for c in CHECKS]
+    jobs = [j for j in args.timings.split(",") if j]
     checks = [c for c in CHECKS if c.label in wanted and c.sizes != "limits"]
+    plan = TimingPlan.for_device(args.device)
     engine = standalone_engine(args.device, backends, 2, 4096, "bfloat16", sizes, 120.0)
     found: list[dict[str, Any]] = []
     try:
@@ -109,6 +134,25 @@ def main() -> None:
                             "profile_rank0": ranks[0]["profile"],
                         }
                     )
+        for job in jobs:
+            for rows in sizes:
+                cases = [Target(b, 2, 4096, "bfloat16").at(rows) for b in backends]
+                outcome = engine.measure_interleaved(cases, job, plan)  # warm: set-ups
+                timed = [lat.case for lat in outcome.latencies]
+                works = [engine.require(case) for case in timed]
+                ranks = engine.call(2, profiled_timing, works, rows, job, args.repeat, args.top)
+                rank_ms = max(sum(r["walls_s"]) for r in ranks) / args.repeat * 1e3
+                label = f"timing::{job} x{len(works)}"
+                print(f"{label:28} {'(together)':22} {rows:5d} {'':>10} {rank_ms:10.2f}")
+                found.append(
+                    {
+                        "check": label,
+                        "backend": ",".join(c.target.backend for c in timed),
+                        "rows": rows,
+                        "rank_fn_ms": rank_ms,
+                        "profile_rank0": ranks[0]["profile"],
+                    }
+                )
         for entry in found:
             print(f"\n==== {entry['check']} {entry['backend']} {entry['rows']} rows (rank 0)")
             print(entry["profile_rank0"])

@@ -553,25 +553,8 @@ def graph_replays(ctx: RankContext, work: Work, rows: int, replays: int) -> Chec
     backend = backend_for(ctx, work)
     sizes = sorted({rows, backend.limits_.min_rows})
     report = CheckReport(ctx.rank, engaged=backend.engaged())
-    stream = torch.cuda.Stream()
     steps = [CheckedCall(ctx, work, size, job, seed=41 + size) for size in sizes for job in JOBS]
-
-    # Warm up eagerly on a side stream (libraries allocate on first use), then capture.
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for step in steps:
-            step.call_and_check(backend)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    ctx.barrier()
-
-    graphs: list[torch.cuda.CUDAGraph] = []
-    with backend.capture():
-        for step in steps:
-            graph = torch.cuda.CUDAGraph()
-            with capturing(graph, stream):
-                step.call_and_check(backend)
-            graphs.append(graph)
+    graphs = _capture_steps(ctx, backend, steps)
     registered = backend.after_capture()
     counts = ctx.all_gather_object(registered)
     report.details["graph_buffers_registered"] = counts
@@ -760,19 +743,34 @@ def back_to_back(ctx: RankContext, work: Work, rows: int) -> CheckReport:
 def _replay_stress(ctx: RankContext, backend: Backend, stress: CheckedCall, replays: int) -> int:
     """Capture one step (input change, call, check) and replay it `replays` times, after
     one eager warm-up call of the same step; returns how many calls were checked."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: libraries allocate on first use
-        stress.call_and_check(backend)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    ctx.barrier()
-    graph = torch.cuda.CUDAGraph()
-    with backend.capture(), capturing(graph, stream):
-        stress.call_and_check(backend)
+    (graph,) = _capture_steps(ctx, backend, [stress])
     backend.after_capture()
     for _ in range(replays):
         graph.replay()
     torch.cuda.synchronize()
     del graph
     return replays + 1
+
+
+def _capture_steps(
+    ctx: RankContext, backend: Backend, steps: list[CheckedCall]
+) -> list[torch.cuda.CUDAGraph]:
+    """One graph per step, all captured in one capture context of the backend, after one
+    checked warm-up call of each on the capture stream (libraries allocate and connect on
+    first use, which a capture cannot). The caller registers (`backend.after_capture`)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for step in steps:
+            step.call_and_check(backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    ctx.barrier()
+    graphs = []
+    with backend.capture():
+        for step in steps:
+            graph = torch.cuda.CUDAGraph()
+            with capturing(graph, stream):
+                step.call_and_check(backend)
+            graphs.append(graph)
+    return graphs

@@ -26,6 +26,9 @@
 #                    rotation / ncclMemAlloc buffers / both
 #   profile          benchmarks/profile_checks.py: what each check of the table costs per call
 #                    through the engine and inside the ranks, with rank 0's profile
+#   jit              FlashInfer's compiled modules on this machine; those beyond the kit's
+#                    packed as $OUT/jit-extra.tar.xz (setup unpacks .jit/*.tar.xz when carried)
+#   profile-timing   benchmarks/profile_checks.py --timings: the latency suite's work per size
 #   probe            benchmarks/pynccl_probe.py
 #   invariance       benchmarks/timing_invariance.py
 #   gsm8k            the accuracy suite on the joined GGUF, all 1319 questions, every backend
@@ -64,9 +67,18 @@ for what in "$@"; do
     case $what in
         setup)
             source tools/device-env.sh || exit 3
-            step wheels 120 bash tools/install-wheels.sh
-            mkdir -p /tmp/gsm8k && cp .model/gsm8k/*.jsonl /tmp/gsm8k/ &&
-                (cd .model/gsm8k && sha256sum -c --quiet SHA256SUMS) || status=1
+            # Wheels and GSM8K only where carried: the main job needs neither (its accuracy
+            # suite skips without --allreduce-gsm8k-data), and the call's tree stays small.
+            if [ -d .whl ]; then step wheels 120 bash tools/install-wheels.sh; fi
+            if [ -d .model/gsm8k ]; then
+                mkdir -p /tmp/gsm8k && cp .model/gsm8k/*.jsonl /tmp/gsm8k/ &&
+                    (cd .model/gsm8k && sha256sum -c --quiet SHA256SUMS) || status=1
+            fi
+            # FlashInfer modules this repo's runs JIT-build beyond the kit's (the `jit` step
+            # packs them on a machine that built them), when carried in .jit/.
+            for extra in .jit/*.tar.xz; do
+                [ -f "$extra" ] && tar -xJf "$extra" -C "$HOME/.cache" && echo "jit cache: $extra"
+            done
             {
                 date -u
                 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
@@ -124,6 +136,26 @@ for what in "$@"; do
             step profile-stress 120 python3 benchmarks/profile_checks.py --device cuda \
                 --backends nccl,custom_ar --checks stress::back_to_back --repeat 1 \
                 --out "$work/profile-stress" ;;
+        jit)
+            # What FlashInfer has compiled on this machine so far, its JIT log's end, and the
+            # modules beyond the kit's two packed for .jit/ (whole-module folders only).
+            cache=$(ls -d "$HOME"/.cache/flashinfer/*/*/cached_ops 2>/dev/null | head -1)
+            {
+                du -sh "$cache"/* 2>&1
+                tail -n 15 "$(dirname "$cache")/flashinfer_jit.log" 2>&1
+            } | tee "$work/jit.txt"
+            extra=$(cd "$cache" && ls | grep -v -x -e vllm_comm -e trtllm_comm)
+            if [ -n "$extra" ]; then
+                rel=${cache#"$HOME"/.cache/}
+                tar -cJf "$OUT/jit-extra.tar.xz" -C "$HOME/.cache" \
+                    $(for m in $extra; do echo "$rel/$m"; done) && ls -la "$OUT/jit-extra.tar.xz"
+            fi ;;
+        profile-timing)
+            source tools/device-env.sh || exit 3
+            step profile-timing 240 python3 benchmarks/profile_checks.py --device cuda \
+                --backends nccl,pynccl,custom_ar,vllm_custom_ar,torch_symm_mem_one_shot,torch_symm_mem_two_shot,flashinfer_trtllm,flashinfer_fusion_one_shot,flashinfer_fusion_two_shot,flashinfer_fusion_one_shot_fp8 \
+                --checks none --timings allreduce,fused --sizes 1,504,4032 --repeat 2 --top 40 \
+                --out "$work/profile-timing" ;;
         probe)
             source tools/device-env.sh || exit 3
             step probe 240 python3 benchmarks/pynccl_probe.py --out "$work/probe" ;;
