@@ -29,6 +29,8 @@
 #   jit              FlashInfer's compiled modules on this machine; those beyond the kit's
 #                    packed as $OUT/jit-extra.tar.xz (setup unpacks .jit/*.tar.xz when carried)
 #   profile-timing   benchmarks/profile_checks.py --timings: the latency suite's work per size
+#   checked-step     benchmarks/checked_step.py: one checked step's cost on one GPU, eager and
+#                    as a graph replay (THEN_CHECKS: an older checks.py to compare with)
 #   probe            benchmarks/pynccl_probe.py
 #   invariance       benchmarks/timing_invariance.py
 #   gsm8k            the accuracy suite on the joined GGUF, all 1319 questions, every backend
@@ -156,6 +158,10 @@ for what in "$@"; do
                 --backends nccl,pynccl,custom_ar,vllm_custom_ar,torch_symm_mem_one_shot,torch_symm_mem_two_shot,flashinfer_trtllm,flashinfer_fusion_one_shot,flashinfer_fusion_two_shot,flashinfer_fusion_one_shot_fp8 \
                 --checks none --timings allreduce,fused --sizes 1,504,4032 --repeat 2 --top 40 \
                 --out "$work/profile-timing" ;;
+        checked-step)
+            source tools/device-env.sh || exit 3
+            step checked-step 300 python3 benchmarks/checked_step.py \
+                ${THEN_CHECKS:+--then "$THEN_CHECKS"} --out "$work/checked-step" ;;
         probe)
             source tools/device-env.sh || exit 3
             step probe 240 python3 benchmarks/pynccl_probe.py --out "$work/probe" ;;
