@@ -9,7 +9,7 @@ it, as for every unfused backend. Per version, job and size: the mean time of a 
 `--calls` eager calls (launched from the host, numbered) and over as many replays of one
 captured step, after a warm-up.
 
-    python benchmarks/checked_step.py [--then PATH_TO_OLD_checks.py] [--rows 1,128,504,4032]
+    python benchmarks/checked_step.py [--then OLD_checks.py,...] [--rows 1,128,504,4032]
         [--calls 2000] [--device cuda] [--out DIR]
 
 Prints one table; writes checked-step.json to --out (default $OUT or .).
@@ -51,7 +51,8 @@ class OneRankSum:
 def load_checks(path: str) -> ModuleType:
     """Another version of checks.py, as a module of this package (its relative imports
     resolve against today's modules, which must still offer what it uses)."""
-    spec = importlib.util.spec_from_file_location("pytest_allreduce.checks_then", path)
+    name = f"pytest_allreduce.checks_{Path(path).stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"--then: cannot load {path}")
     module = importlib.util.module_from_spec(spec)
@@ -109,7 +110,7 @@ def measure(module: ModuleType, device: torch.device, rows: int, job: str, calls
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--then", default="", help="an older checks.py to compare with")
+    parser.add_argument("--then", default="", help="older checks.py files to compare with")
     parser.add_argument("--rows", default="1,128,504,4032")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--device", default="cuda")
@@ -117,17 +118,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     versions = {"now": checks}
-    if args.then:
-        versions["then"] = load_checks(args.then)
+    for path in filter(None, args.then.split(",")):
+        versions[Path(path).stem] = load_checks(path)
     rows_list = [int(r) for r in args.rows.split(",")]
     found = []
-    print(f"{'version':8} {'job':10} {'rows':>5} {'eager us/call':>14} {'graph us/replay':>16}")
+    print(f"{'version':16} {'job':10} {'rows':>5} {'eager us/call':>14} {'graph us/replay':>16}")
     for job in JOBS:
         for rows in rows_list:
             for name, module in versions.items():
                 got = measure(module, device, rows, job, args.calls)
                 graph = f"{got['graph_us']:16.1f}" if got["graph_us"] is not None else ""
-                print(f"{name:8} {job:10} {rows:5d} {got['eager_us']:14.1f} {graph}")
+                print(f"{name:16} {job:10} {rows:5d} {got['eager_us']:14.1f} {graph}")
                 if got["problems"]:
                     print("   problems:", got["problems"])
                 found.append({"version": name, "job": job, "rows": rows, **got})

@@ -636,8 +636,15 @@ class CheckedCall:
         shifts = (torch.arange(SHIFTS, device=dev) - SHIFTS // 2).float().view(-1, 1, 1)
         # Inputs are integers whose sums stay within 256: exact in every dtype and order.
         self.inputs = (base.float() + shifts).to(dtype)
-        exact = (total + residual if job == "fused" else total) + ws * shifts
+        unshifted = total + residual if job == "fused" else total
+        exact = unshifted + ws * shifts
         self.wants = exact.to(dtype)
+        # A captured step shifts by adding a scalar it gathers by the device's index (its
+        # input shift, its output shift): elementwise adds run at full bandwidth, where
+        # gathering whole tensors by a device index does not.
+        self.base, self.want_base = base, unshifted.to(dtype)
+        self.shift_table = torch.cat([shifts, ws * shifts], dim=1).view(SHIFTS, 2).to(dtype)
+        self.shift_now = torch.empty(1, 2, dtype=dtype, device=dev)
         self.windows: torch.Tensor | None = None
         if job == "fused":
             tolerance = norm_relative_bound(dtype, hidden) + unit_roundoff(dtype)
@@ -677,14 +684,16 @@ class CheckedCall:
         buf = self.buf
         if call is None:
             self.index.add_(1).remainder_(SHIFTS)
-            shape = (1, self.rows, buf.inp.shape[-1])
-            torch.index_select(self.inputs, 0, self.index, out=buf.inp.view(shape))
-            want = torch.index_select(self.wants, 0, self.index, out=self.want.view(shape))[0]
+            torch.index_select(self.shift_table, 0, self.index, out=self.shift_now)
+            torch.add(self.base, self.shift_now[0, 0], out=buf.inp)
+            want = torch.add(self.want_base, self.shift_now[0, 1], out=self.want)
             window = None
             if self.windows is not None and self.window is not None:
-                window = torch.index_select(
-                    self.windows, 0, self.index, out=self.window.view(1, *self.window.shape)
-                )[0]
+                # Gathered as 8-byte words (pairs of float32): half as many elements.
+                words = self.windows.view(SHIFTS, -1).view(torch.int64)
+                into = self.window.view(1, -1).view(torch.int64)
+                torch.index_select(words, 0, self.index, out=into)
+                window = self.window
         else:
             k = call % SHIFTS
             buf.inp.copy_(self.inputs[k])
