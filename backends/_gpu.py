@@ -122,7 +122,10 @@ def installed(module: str) -> bool:
         return False
 
 
+@functools.cache
 def package_version(distribution: str) -> str:
+    """The installed version (read once per process: a metadata lookup costs milliseconds,
+    and `engaged()` names it in every check's report)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

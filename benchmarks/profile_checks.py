@@ -10,7 +10,7 @@ the pool costs per call; the profile says what the rest is (host syncs show as
 
     python benchmarks/profile_checks.py [--device cpu|cuda] [--backends nccl,custom_ar]
         [--sizes 1,256,504] [--checks numerics::exact_sum,graph::graph_replays] [--repeat 5]
-        [--top 18] [--timings allreduce,fused] [--out DIR]
+        [--top 18] [--sort tottime|cumulative] [--timings allreduce,fused] [--out DIR]
 
 --timings also profiles the latency suite's work: every named backend timed together at
 each size (`timing.measure_interleaved` with the device's plan), rank 0's profile sorted by
@@ -43,9 +43,11 @@ def noop(ctx: Any) -> int:
     return ctx.rank
 
 
-def profiled(ctx: Any, label: str, work: Any, rows: int, repeat: int, top: int) -> dict:
+def profiled(
+    ctx: Any, label: str, work: Any, rows: int, repeat: int, top: int, sort: str = "tottime"
+) -> dict:
     """The check `label` at `rows`, `repeat` times under cProfile: wall per call and rank 0's
-    profile (sorted by own time)."""
+    profile (sorted by `sort`: own time, or cumulative to see the phases)."""
     check = next(c for c in CHECKS if c.label == label)
     profiler = cProfile.Profile()
     walls = []
@@ -56,7 +58,7 @@ def profiled(ctx: Any, label: str, work: Any, rows: int, repeat: int, top: int) 
         profiler.disable()
         walls.append(time.perf_counter() - began)
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    pstats.Stats(profiler, stream=text).sort_stats(sort).print_stats(top)
     return {"walls_s": walls, "profile": text.getvalue() if ctx.rank == 0 else ""}
 
 
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--timings", default="")
+    parser.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"))
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     backends = args.backends.split(",")
@@ -120,7 +123,9 @@ def main() -> None:
                         engine.run_check(check, case)
                     engine_ms = (time.perf_counter() - began) / args.repeat * 1e3
                     work = engine.require(case)
-                    ranks = engine.call(2, profiled, check.label, work, rows, args.repeat, args.top)
+                    ranks = engine.call(
+                        2, profiled, check.label, work, rows, args.repeat, args.top, args.sort
+                    )
                     rank_ms = max(sum(r["walls_s"]) for r in ranks) / args.repeat * 1e3
                     figures = f"{engine_ms:10.2f} {rank_ms:10.2f}"
                     print(f"{check.label:28} {backend:22} {rows:5d} {figures}")

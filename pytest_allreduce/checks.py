@@ -647,20 +647,27 @@ class CheckedCall:
         self.shift_now = torch.empty(1, 2, dtype=dtype, device=dev)
         self.windows: torch.Tensor | None = None
         if job == "fused":
+            # The window [norm - bound, norm + bound] with its ends rounded inward to the
+            # dtype: an output (a dtype value) lies in the one exactly when it lies in the
+            # other, and the window costs the output's bytes, not float32's.
             tolerance = norm_relative_bound(dtype, hidden) + unit_roundoff(dtype)
-            self.windows = torch.empty(SHIFTS, 2, rows, hidden, device=dev)
+            self.windows = torch.empty(SHIFTS, 2, rows, hidden, dtype=dtype, device=dev)
             for k in range(SHIFTS):  # one shift at a time: small temporaries
                 norm = exact[k] / torch.sqrt(exact[k].pow(2).mean(-1, keepdim=True) + RMS_EPS)
                 margin = norm.abs() * tolerance
-                torch.sub(norm, margin, out=self.windows[k, 0])
-                torch.add(norm, margin, out=self.windows[k, 1])
+                self.windows[k, 0] = rounded_toward(norm - margin, dtype, up=True)
+                self.windows[k, 1] = rounded_toward(norm + margin, dtype, up=False)
+            # A bound of at least one rounding always holds the rounded norm; if a window
+            # held no value, the clamp below would return its upper end and pass it.
+            if bool((self.windows[:, 0] > self.windows[:, 1]).any()):
+                raise RuntimeError("checked call: a norm window holds no value of the dtype")
         del exact
         # Scratch the step writes: what it compares with (graph steps gather it by the
         # device's shift index), the clamped output, and one mismatch flag per value.
         fused = job == "fused"
         self.want = torch.empty_like(self.buf.out)
-        self.window = torch.empty(2, rows, hidden, device=dev) if fused else None
-        self.clamped = torch.empty(rows, hidden, device=dev) if fused else None
+        self.window = torch.empty(2, rows, hidden, dtype=dtype, device=dev) if fused else None
+        self.clamped = torch.empty_like(self.buf.out) if fused else None
         self.flags = torch.empty(1 + fused, rows, hidden, dtype=torch.bool, device=dev)
         self.index = torch.zeros(1, dtype=torch.int64, device=dev)
         self.wrong = torch.zeros((), dtype=torch.int64, device=dev)
@@ -689,10 +696,10 @@ class CheckedCall:
             want = torch.add(self.want_base, self.shift_now[0, 1], out=self.want)
             window = None
             if self.windows is not None and self.window is not None:
-                # Gathered as 8-byte words (pairs of float32): half as many elements.
-                words = self.windows.view(SHIFTS, -1).view(torch.int64)
-                into = self.window.view(1, -1).view(torch.int64)
-                torch.index_select(words, 0, self.index, out=into)
+                # Gathered as the widest words the window's bytes divide into: the gather
+                # moves one element per word.
+                words = _as_words(self.windows.view(SHIFTS, -1))
+                torch.index_select(words, 0, self.index, out=_as_words(self.window.view(1, -1)))
                 window = self.window
         else:
             k = call % SHIFTS
@@ -725,6 +732,24 @@ class CheckedCall:
             f"{self.job}, {mode}: {bad_calls} of {calls} back-to-back calls gave wrong or "
             f"unwritten elements ({elements} elements)"
         ]
+
+
+def rounded_toward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """x rounded to the dtype toward +inf (up) or -inf: the nearest value, moved one step
+    where it lies on the wrong side of x."""
+    nearest = x.to(dtype)
+    wrong = nearest.to(x.dtype) < x if up else nearest.to(x.dtype) > x
+    step = torch.nextafter(nearest, torch.full_like(nearest, math.inf if up else -math.inf))
+    return torch.where(wrong, step, nearest)
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes viewed as the widest integers its last dimension allows."""
+    row_bytes = t.shape[-1] * t.element_size()
+    for word in (torch.int64, torch.int32, torch.int16):
+        if row_bytes % word.itemsize == 0:
+            return t.view(word)
+    return t
 
 
 def back_to_back(ctx: RankContext, work: Work, rows: int) -> CheckReport:

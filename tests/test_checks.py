@@ -417,13 +417,14 @@ def test_checked_call_counts_every_wrong_call_in_both_modes(job: str, graph_path
     assert len(unwritten) == 1 and f"{calls} of {calls} back-to-back calls" in unwritten[0]
 
 
-def test_checked_call_norm_window_accepts_its_bound_and_nothing_beyond() -> None:
-    """The fused check's window: a normalised output moved by the bound's own size passes,
-    one moved by a few bounds fails, both counted per call."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checked_call_norm_window_accepts_its_bound_and_nothing_beyond(dtype: torch.dtype) -> None:
+    """The fused check's window: a normalised output moved by half the bound passes, one
+    moved by a few bounds fails, both counted per call."""
     ctx = SimpleNamespace(rank=0, world_size=1, device=CPU)
-    target = SimpleNamespace(hidden=64, dtype="float32")
-    work = SimpleNamespace(target=target, dtype=torch.float32)
-    bound = checks.norm_relative_bound(torch.float32, 64)
+    target = SimpleNamespace(hidden=64, dtype=str(dtype).removeprefix("torch."))
+    work = SimpleNamespace(target=target, dtype=dtype)
+    bound = checks.norm_relative_bound(dtype, 64)
 
     class Scaled(_SoloSum):
         fused = True
@@ -441,7 +442,7 @@ def test_checked_call_norm_window_accepts_its_bound_and_nothing_beyond() -> None
             out: torch.Tensor,
             residual_out: torch.Tensor,
         ) -> None:
-            total = x + residual
+            total = x.float() + residual.float()
             residual_out.copy_(total)
             out.copy_(total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps) * self.factor)
 
@@ -450,3 +451,18 @@ def test_checked_call_norm_window_accepts_its_bound_and_nothing_beyond() -> None
         for call in range(10):
             step.call_and_check(Scaled(factor), call)
         assert bool(step.problems("test", 10)) == wrong, factor
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rounded_toward_rounds_inward_and_keeps_representable_values(dtype: torch.dtype) -> None:
+    """The norm windows' ends: rounded up never lands below x, rounded down never above,
+    each within one step of x, and a value the dtype holds stays as it is."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, generator=gen) * 3
+    up, down = checks.rounded_toward(x, dtype, up=True), checks.rounded_toward(x, dtype, up=False)
+    assert up.dtype == down.dtype == dtype
+    assert bool((up.float() >= x).all()) and bool((down.float() <= x).all())
+    assert bool((up.float() - down.float() <= x.abs() * torch.finfo(dtype).eps * 1.01).all())
+    held = x.to(dtype).float()
+    assert torch.equal(checks.rounded_toward(held, dtype, up=True), held.to(dtype))
+    assert torch.equal(checks.rounded_toward(held, dtype, up=False), held.to(dtype))

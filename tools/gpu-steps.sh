@@ -28,6 +28,7 @@
 #                    through the engine and inside the ranks, with rank 0's profile
 #   jit              FlashInfer's compiled modules on this machine; those beyond the kit's
 #                    packed as $OUT/jit-extra.tar.xz (setup unpacks .jit/*.tar.xz when carried)
+#   profile-graph    benchmarks/profile_checks.py on the graph and stress checks, by phase
 #   profile-timing   benchmarks/profile_checks.py --timings: the latency suite's work per size
 #   checked-step     benchmarks/checked_step.py: one checked step's cost on one GPU, eager and
 #                    as a graph replay (THEN_CHECKS: an older checks.py to compare with)
@@ -152,6 +153,15 @@ for what in "$@"; do
                 tar -cJf "$OUT/jit-extra.tar.xz" -C "$HOME/.cache" \
                     $(for m in $extra; do echo "$rel/$m"; done) && ls -la "$OUT/jit-extra.tar.xz"
             fi ;;
+        profile-graph)
+            source tools/device-env.sh || exit 3
+            step profile-graph 240 python3 benchmarks/profile_checks.py --device cuda \
+                --backends nccl,custom_ar,vllm_custom_ar,flashinfer_fusion_one_shot \
+                --sizes 1,504,4032 --checks graph::graph_replays,numerics::exact_sum \
+                --repeat 3 --top 45 --sort cumulative --out "$work/profile-graph"
+            step profile-stress 120 python3 benchmarks/profile_checks.py --device cuda \
+                --backends nccl,flashinfer_fusion_one_shot --checks stress::back_to_back \
+                --repeat 1 --top 30 --sort cumulative --out "$work/profile-stress" ;;
         profile-timing)
             source tools/device-env.sh || exit 3
             step profile-timing 240 python3 benchmarks/profile_checks.py --device cuda \
