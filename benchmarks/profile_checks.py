@@ -10,7 +10,8 @@ the pool costs per call; the profile says what the rest is (host syncs show as
 
     python benchmarks/profile_checks.py [--device cpu|cuda] [--backends nccl,custom_ar]
         [--sizes 1,256,504] [--checks numerics::exact_sum,graph::graph_replays] [--repeat 5]
-        [--top 18] [--sort tottime|cumulative] [--timings allreduce,fused] [--out DIR]
+        [--top 18] [--sort tottime|cumulative] [--timings allreduce,fused] [--phases]
+        [--out DIR]
 
 --timings also profiles the latency suite's work: every named backend timed together at
 each size (`timing.measure_interleaved` with the device's plan), rank 0's profile sorted by
@@ -41,6 +42,69 @@ from pytest_allreduce.timing import TimingPlan, measure_interleaved
 
 def noop(ctx: Any) -> int:
     return ctx.rank
+
+
+# Functions --phases times (the device drained at both ends of each call, so that its work
+# is counted where it was launched): where a check's or a timing's wall time goes.
+PHASES: tuple[str, ...] = (
+    "pytest_allreduce.checks:CheckedCall.__init__",
+    "pytest_allreduce.checks:_capture_steps",
+    "pytest_allreduce.checks:_finish",
+    "pytest_allreduce.timing:_inputs",
+    "pytest_allreduce.timing:_prepare",
+    "pytest_allreduce.timing:run_rounds",
+    "pytest_allreduce.timing:_output_problems",
+)
+
+
+def phase_timers(ctx: Any) -> dict[str, float]:
+    """Wrap PHASES (once per rank process); returns the dict their seconds add up in."""
+    import importlib
+
+    totals: dict[str, float] = ctx.cache.setdefault("profile_checks.phases", {})
+    if totals:
+        return totals
+    sync = torch_sync(ctx)
+    for spec in PHASES:
+        module_name, _, path = spec.partition(":")
+        owner: Any = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for part in parents:
+            owner = getattr(owner, part)
+        inner = getattr(owner, name)
+
+        def timed(*args: Any, _inner: Any = inner, _key: str = path, **kwargs: Any) -> Any:
+            sync()
+            began = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                sync()
+                totals[_key] = totals.get(_key, 0.0) + time.perf_counter() - began
+
+        setattr(owner, name, timed)
+        totals.setdefault(path, 0.0)
+    return totals
+
+
+def torch_sync(ctx: Any) -> Any:
+    import torch
+
+    return torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+
+
+def phased(ctx: Any, fn: Any, *args: Any) -> dict:
+    """fn(ctx, *args) once with PHASES timed: wall and per-phase milliseconds."""
+    totals = phase_timers(ctx)
+    for key in totals:
+        totals[key] = 0.0
+    sync = torch_sync(ctx)
+    sync()
+    began = time.perf_counter()
+    fn(ctx, *args)
+    sync()
+    wall = time.perf_counter() - began
+    return {"wall_ms": wall * 1e3, **{k: v * 1e3 for k, v in totals.items() if v}}
 
 
 def profiled(
@@ -78,6 +142,14 @@ def profiled_timing(ctx: Any, works: list[Any], rows: int, job: str, repeat: int
     return {"walls_s": walls, "profile": text.getvalue() if ctx.rank == 0 else ""}
 
 
+def measure_with_plan(ctx: Any, works: list[Any], rows: int, job: str) -> Any:
+    return measure_interleaved(ctx, works, rows, job, TimingPlan.for_device(ctx.device.type))  # type: ignore[arg-type]
+
+
+def _phase_text(phases: dict[str, float]) -> str:
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v:.1f}" for k, v in phases.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -88,6 +160,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--timings", default="")
     parser.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"))
+    parser.add_argument("--phases", action="store_true", help="also time PHASES per call")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     backends = args.backends.split(",")
@@ -128,6 +201,9 @@ def main() -> None:
                     )
                     rank_ms = max(sum(r["walls_s"]) for r in ranks) / args.repeat * 1e3
                     figures = f"{engine_ms:10.2f} {rank_ms:10.2f}"
+                    if args.phases:
+                        phases = engine.call(2, phased, check.fn, work, rows, *check.args)[0]
+                        figures += "  " + _phase_text(phases)
                     print(f"{check.label:28} {backend:22} {rows:5d} {figures}")
                     found.append(
                         {
@@ -148,7 +224,11 @@ def main() -> None:
                 ranks = engine.call(2, profiled_timing, works, rows, job, args.repeat, args.top)
                 rank_ms = max(sum(r["walls_s"]) for r in ranks) / args.repeat * 1e3
                 label = f"timing::{job} x{len(works)}"
-                print(f"{label:28} {'(together)':22} {rows:5d} {'':>10} {rank_ms:10.2f}")
+                figures = f"{'':>10} {rank_ms:10.2f}"
+                if args.phases:
+                    phases = engine.call(2, phased, measure_with_plan, works, rows, job)[0]
+                    figures += "  " + _phase_text(phases)
+                print(f"{label:28} {'(together)':22} {rows:5d} {figures}")
                 found.append(
                     {
                         "check": label,

@@ -158,15 +158,15 @@ for what in "$@"; do
             step profile-graph 240 python3 benchmarks/profile_checks.py --device cuda \
                 --backends nccl,custom_ar,vllm_custom_ar,flashinfer_fusion_one_shot \
                 --sizes 1,504,4032 --checks graph::graph_replays,numerics::exact_sum \
-                --repeat 3 --top 45 --sort cumulative --out "$work/profile-graph"
+                --repeat 3 --top 45 --sort cumulative --phases --out "$work/profile-graph"
             step profile-stress 120 python3 benchmarks/profile_checks.py --device cuda \
                 --backends nccl,flashinfer_fusion_one_shot --checks stress::back_to_back \
-                --repeat 1 --top 30 --sort cumulative --out "$work/profile-stress" ;;
+                --repeat 1 --top 30 --sort cumulative --phases --out "$work/profile-stress" ;;
         profile-timing)
             source tools/device-env.sh || exit 3
             step profile-timing 240 python3 benchmarks/profile_checks.py --device cuda \
                 --backends nccl,pynccl,custom_ar,vllm_custom_ar,torch_symm_mem_one_shot,torch_symm_mem_two_shot,flashinfer_trtllm,flashinfer_fusion_one_shot,flashinfer_fusion_two_shot,flashinfer_fusion_one_shot_fp8 \
-                --checks none --timings allreduce,fused --sizes 1,504,4032 --repeat 2 --top 40 \
+                --checks none --timings allreduce,fused --sizes 1,504,4032 --repeat 2 --top 40 --phases \
                 --out "$work/profile-timing" ;;
         checked-step)
             source tools/device-env.sh || exit 3
