@@ -77,6 +77,20 @@ class RankContext:
             gathered.append(box[0])
         return gathered
 
+    def same_everywhere(self, value: int) -> bool:
+        """Whether every rank passed the same `value` (0 <= value < 2**62), in one allreduce
+        over the CPU group: [value, -value] reduced with MAX is [max, -min]. A few times
+        cheaper than gathering objects (one collective, no pickling), for the checks that
+        end every call by comparing the ranks' results."""
+        import torch
+        import torch.distributed as dist
+
+        if not 0 <= value < 1 << 62:
+            raise ValueError(f"same_everywhere takes 0 <= value < 2**62, got {value}")
+        pair = torch.tensor([value, -value], dtype=torch.int64)
+        dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return int(pair[0]) == -int(pair[1])
+
     def barrier(self) -> None:
         import torch.distributed as dist
 

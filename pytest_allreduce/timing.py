@@ -70,6 +70,8 @@ INITIAL_SLEEP_US = 2000.0
 # Sleep = SLEEP_FACTOR x the slowest rank's queueing time of a round + SLEEP_MARGIN_US.
 SLEEP_FACTOR = 2.0
 SLEEP_MARGIN_US = 100.0
+# The fewest ops a sample holds when large messages shorten it (TimingPlan.ops_for).
+MIN_OPS_PER_SAMPLE = 4
 _ALIGN_GROUP = "timing.align_group"
 _SLEEP_RATE = "timing.sleep_cycles_per_us"
 _INTEGER_DRAWS = "timing.integer_draws"
@@ -95,6 +97,25 @@ class TimingPlan:
     # Where the job buffers come from: "torch" (its caching allocator, as a server's) or
     # "ncclmem" (ncclMemAlloc, as nccl-tests'; CUDA only).
     memory: str = "torch"
+    # 0: every sample holds ops_per_sample ops. Else ops_per_sample is halved, down to
+    # MIN_OPS_PER_SAMPLE, while a sample would move more than this many bytes (ops_for).
+    sample_bytes: int = 0
+
+    def ops_for(self, message_bytes: int) -> int:
+        """Ops per sample at this message size. A graph's head and tail (its launch, the
+        first and last op's ramp) cost a few microseconds however large its ops are: 32
+        ops keep them under 1% of a sample of small ops, while at large messages a few ops
+        already make a sample of hundreds of microseconds and the other ops only add GPU time
+        to the run (the latency suite's rounds were most of its time at 4 MiB and up)."""
+        ops = self.ops_per_sample
+        if self.sample_bytes:
+            while ops // 2 >= MIN_OPS_PER_SAMPLE and ops * message_bytes > self.sample_bytes:
+                ops //= 2
+        return ops
+
+    def at(self, message_bytes: int) -> TimingPlan:
+        """This plan with the op count of `message_bytes` fixed (ops_for)."""
+        return replace(self, ops_per_sample=self.ops_for(message_bytes), sample_bytes=0)
 
     def buffer_sets(self, message_bytes: int) -> int:
         """How many buffer sets one instance cycles through at this message size."""
@@ -111,7 +132,7 @@ class TimingPlan:
             if f.name == "memory":
                 continue
             value = getattr(self, f.name)
-            least = 0 if f.name in ("warmup", "rotate_bytes") else 1
+            least = 0 if f.name in ("warmup", "rotate_bytes", "sample_bytes") else 1
             if not isinstance(value, int) or value < least:
                 raise ValueError(
                     f"timing plan: {f.name} must be an integer >= {least}, not {value!r}"
@@ -125,8 +146,9 @@ class TimingPlan:
             # sample short. Three instances: one bad capture cannot move the median. 12
             # samples: on 2 x H200 one median's noise is about 0.2% (roughness 0.002), so
             # 24 bought nothing a decision used; where one is close, settling adds samples
-            # (up to 4x, `selection.unsettled_sizes`).
-            plan = cls(samples=12, ops_per_sample=32, warmup=2, instances=3)
+            # (up to 4x, `selection.unsettled_sizes`). From 4 MiB up fewer ops (ops_for):
+            # the fastest backends' samples there still last 200 us or more on 2 x H200.
+            plan = cls(samples=12, ops_per_sample=32, warmup=2, instances=3, sample_bytes=64 << 20)
         else:
             # CPU collectives take milliseconds: single ops, few samples, one instance (there
             # is no capture to vary) keep the default run short.
@@ -139,11 +161,12 @@ class TimingPlan:
 
     def overridden(self, text: str) -> TimingPlan:
         """This plan with fields replaced from "key=value,..." (keys: samples, ops, warmup,
-        instances, launches, rotate, memory; rotate takes bytes, with K, M or G allowed;
-        memory takes torch or ncclmem); ValueError naming TIMING_ENV and the bad part
-        otherwise."""
+        instances, launches, rotate, sample, memory; rotate and sample take bytes, with K, M
+        or G allowed; memory takes torch or ncclmem); ValueError naming TIMING_ENV and the
+        bad part otherwise. An op count given without `sample` holds at every size."""
         names = {"samples": "samples", "ops": "ops_per_sample", "warmup": "warmup"}
         names |= {"instances": "instances", "launches": "launches", "rotate": "rotate_bytes"}
+        names |= {"sample": "sample_bytes"}
         changes: dict[str, int | str] = {}
         for part in text.split(","):
             key, sep, value = part.partition("=")
@@ -151,7 +174,7 @@ class TimingPlan:
             if key == "memory" and value.strip() in MEMORIES:
                 changes["memory"] = value.strip()
                 continue
-            number = _integer(value, byte_units=key == "rotate")
+            number = _integer(value, byte_units=key in ("rotate", "sample"))
             if not sep or key not in names or number is None:
                 raise ValueError(
                     f"{TIMING_ENV}={text!r}: bad part {part.strip()!r}; expected key=integer "
@@ -159,6 +182,8 @@ class TimingPlan:
                     f"or memory={'|'.join(MEMORIES)}"
                 )
             changes[names[key]] = number
+        if "ops_per_sample" in changes:
+            changes.setdefault("sample_bytes", 0)
         try:
             return replace(self, **changes)
         except ValueError as exc:
@@ -597,6 +622,7 @@ def _measure(
     memory: NcclMemory | None,
 ) -> InterleavedTiming:
     inputs = _inputs(ctx, works[0], rows, job)
+    plan = plan.at(inputs.mine.numel() * inputs.mine.element_size())
     candidates = [_prepare(ctx, w, rows, job, plan, inputs, memory) for w in works]
     for cand in candidates:
         for inst in cand.buffers:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from pytest_allreduce.timing import (
+    MIN_OPS_PER_SAMPLE,
     SLEEP_FACTOR,
     SLEEP_MARGIN_US,
     TIMING_ENV,
@@ -270,6 +271,24 @@ def test_plan_defaults_and_the_environment_override() -> None:
     assert (changed.warmup, changed.instances) == (cuda.warmup, cuda.instances)
 
 
+def test_large_messages_get_fewer_ops_per_sample_down_to_the_floor() -> None:
+    """The CUDA plan halves its 32 ops while a sample would move more than 64 MiB, never
+    below MIN_OPS_PER_SAMPLE; an op count set in the environment holds at every size unless
+    `sample` is set too; the CPU plan's single op never changes."""
+    cuda = TimingPlan.for_device("cuda", {})
+    sizes = (8 << 10, 2 << 20, 4 << 20, 8 << 20, 16 << 20, 64 << 20)
+    assert [cuda.ops_for(n) for n in sizes] == [32, 32, 16, 8, 4, 4]
+    assert MIN_OPS_PER_SAMPLE == 4
+    fixed = cuda.at(4 << 20)
+    assert (fixed.ops_per_sample, fixed.sample_bytes) == (16, 0) and fixed.ops_for(64 << 20) == 16
+    asked = TimingPlan.for_device("cuda", {TIMING_ENV: "ops=50"})
+    assert [asked.ops_for(n) for n in sizes] == [50] * len(sizes)
+    scaled = TimingPlan.for_device("cuda", {TIMING_ENV: "ops=64,sample=1M"})
+    assert [scaled.ops_for(n) for n in (8 << 10, 256 << 10, 1 << 20)] == [64, 4, 4]
+    cpu = TimingPlan.for_device("cpu", {})
+    assert [cpu.ops_for(n) for n in sizes] == [1] * len(sizes)
+
+
 def test_rotate_takes_bytes_and_gives_each_op_its_own_buffers_up_to_the_op_count() -> None:
     plan = TimingPlan.for_device("cuda", {TIMING_ENV: "ops=50,rotate=64M"})
     assert plan.rotate_bytes == 64 << 20
@@ -303,6 +322,8 @@ def test_memory_is_torch_unless_nccl_memory_is_asked_for_on_cuda() -> None:
         ("launches=0", "launches must be an integer >= 1"),
         ("ops", "bad part 'ops'"),
         ("warmup=-1", "warmup must be an integer >= 0"),
+        ("sample=2X", "bad part 'sample=2X'"),
+        ("sample=-1", "sample_bytes must be an integer >= 0"),
     ],
 )
 def test_bad_plan_overrides_name_the_variable(text: str, message: str) -> None:
