@@ -686,6 +686,23 @@ class CheckedCall:
         self.per_call = torch.zeros(calls, dtype=torch.int64, device=dev)
         self.bad_elements = torch.zeros((), dtype=torch.int64, device=dev)
         self.bad_calls = torch.zeros((), dtype=torch.int64, device=dev)
+        # The views each path uses, made once: an eager call is a few microseconds of host
+        # time per kernel, and indexing a tensor costs about as much again.
+        ends: list[tuple[torch.Tensor, ...] | None] = [None] * SHIFTS
+        if self.windows is not None:
+            ends = [w.unbind(0) for w in self.windows.unbind(0)]
+        self._by_shift = list(zip(self.inputs.unbind(0), self.wants.unbind(0), ends, strict=True))
+        self._slots = self.per_call.unbind(0)
+        self._flag_rows = self.flags.unbind(0)
+        self._flat_flags = self.flags.view(-1)
+        self._window_words: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.windows is not None and self.window is not None:
+            # Gathered as the widest words the window's bytes divide into: the gather moves
+            # one element per word.
+            self._window_words = (
+                _as_words(self.windows.view(SHIFTS, -1)),
+                _as_words(self.window.view(1, -1)),
+            )
 
     def reset_counts(self) -> None:
         self.per_call.zero_()
@@ -701,39 +718,36 @@ class CheckedCall:
         live on the device and the count is added to running totals.
         """
         buf = self.buf
+        ends: tuple[torch.Tensor, ...] | None
         if call is None:
             self.index.add_(1).remainder_(SHIFTS)
             torch.index_select(self.shift_table, 0, self.index, out=self.shift_now)
             torch.add(self.base, self.shift_now[0, 0], out=buf.inp)
             want = torch.add(self.want_base, self.shift_now[0, 1], out=self.want)
-            window = None
-            if self.windows is not None and self.window is not None:
-                # Gathered as the widest words the window's bytes divide into: the gather
-                # moves one element per word.
-                words = _as_words(self.windows.view(SHIFTS, -1))
-                torch.index_select(words, 0, self.index, out=_as_words(self.window.view(1, -1)))
-                window = self.window
+            ends = None
+            if self._window_words is not None and self.window is not None:
+                words, into = self._window_words
+                torch.index_select(words, 0, self.index, out=into)
+                ends = self.window.unbind(0)
         else:
-            k = call % SHIFTS
-            buf.inp.copy_(self.inputs[k])
-            want = self.wants[k]
-            window = self.windows[k] if self.windows is not None else None
+            shift_input, want, ends = self._by_shift[call % SHIFTS]
+            buf.inp.copy_(shift_input)
         buf.out.fill_(float("nan"))
         if self.job == "fused":
             buf.residual_out.fill_(float("nan"))
         run_job(backend, self.job, buf)
-        torch.ne(buf.residual_out if self.job == "fused" else buf.out, want, out=self.flags[0])
-        if window is not None and self.clamped is not None:
+        got = buf.residual_out if self.job == "fused" else buf.out
+        torch.ne(got, want, out=self._flag_rows[0])
+        if ends is not None and self.clamped is not None:
             # Inside the window the clamp returns the value itself; NaN stays NaN, unequal.
-            torch.clamp(buf.out, window[0], window[1], out=self.clamped)
-            torch.ne(self.clamped, buf.out, out=self.flags[1])
-        flat = self.flags.view(-1)
+            torch.clamp(buf.out, ends[0], ends[1], out=self.clamped)
+            torch.ne(self.clamped, buf.out, out=self._flag_rows[1])
         if call is None:
-            torch.sum(flat, dim=0, out=self.wrong)
+            torch.sum(self._flat_flags, dim=0, out=self.wrong)
             self.bad_elements.add_(self.wrong)
             self.bad_calls.add_(self.wrong > 0)
         else:
-            torch.sum(flat, dim=0, out=self.per_call[call])
+            torch.sum(self._flat_flags, dim=0, out=self._slots[call])
 
     def problems(self, mode: str, calls: int) -> list[str]:
         bad_calls = int(self.bad_calls.item()) + int((self.per_call > 0).sum().item())

@@ -489,7 +489,7 @@ def test_adaptive_fused_and_composed_paths() -> None:
         assert (_FakeFusion.fused_calls - calls == 1) is fused
         total = x.double() + residual.double()
         expect = total / total.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * weight.double()
-        torch.testing.assert_close(out.double(), expect)
+        torch.testing.assert_close(out, expect.float())  # float32's own tolerance
         torch.testing.assert_close(residual_out, x + residual)
         assert torch.equal(ar.all_reduce(x), x)
     ar.close()

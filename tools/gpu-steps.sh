@@ -177,7 +177,10 @@ for what in "$@"; do
             step probe 240 python3 benchmarks/pynccl_probe.py --out "$work/probe" ;;
         invariance)
             source tools/device-env.sh || exit 3
-            step invariance 240 python3 benchmarks/timing_invariance.py --out "$work/invariance" ;;
+            # INVARIANCE_ARGS: other sizes or op counts (e.g. --sizes 4M,32M --ops 4,8,200).
+            # shellcheck disable=SC2086
+            step invariance 240 python3 benchmarks/timing_invariance.py ${INVARIANCE_ARGS:-} \
+                --out "$work/invariance" ;;
         gsm8k)
             source tools/device-env.sh || exit 3
             # The joined model (the chunk:... step of the same call joins the last chunk).
