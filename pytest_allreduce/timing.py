@@ -103,10 +103,10 @@ class TimingPlan:
 
     def ops_for(self, message_bytes: int) -> int:
         """Ops per sample at this message size. A graph's head and tail (its launch, the
-        first and last op's ramp) cost a few microseconds however large its ops are: 32
-        ops keep them under 1% of a sample of small ops, while at large messages a few ops
-        already make a sample of hundreds of microseconds and the other ops only add GPU time
-        to the run (the latency suite's rounds were most of its time at 4 MiB and up)."""
+        first op's ramp) cost the same few microseconds however large its ops are, so at
+        large messages a few ops already make a sample of half a millisecond, and more ops
+        only add GPU time to the run (the latency suite's rounds were most of its time at 4
+        MiB and up)."""
         ops = self.ops_per_sample
         if self.sample_bytes:
             while ops // 2 >= MIN_OPS_PER_SAMPLE and ops * message_bytes > self.sample_bytes:
@@ -146,9 +146,11 @@ class TimingPlan:
             # sample short. Three instances: one bad capture cannot move the median. 12
             # samples: on 2 x H200 one median's noise is about 0.2% (roughness 0.002), so
             # 24 bought nothing a decision used; where one is close, settling adds samples
-            # (up to 4x, `selection.unsettled_sizes`). From 4 MiB up fewer ops (ops_for):
-            # the fastest backends' samples there still last 200 us or more on 2 x H200.
-            plan = cls(samples=12, ops_per_sample=32, warmup=2, instances=3, sample_bytes=64 << 20)
+            # (up to 4x, `selection.unsettled_sizes`). Above 4 MiB fewer ops (ops_for): on
+            # 2 x H200 a sample carries a constant 8-9 us (launch, first op's ramp), and with
+            # at least 128 MiB moved per sample it stays within 2% of the per-op figure that
+            # differencing 4- and 200-op graphs gives, for every backend from 4 to 64 MiB.
+            plan = cls(samples=12, ops_per_sample=32, warmup=2, instances=3, sample_bytes=128 << 20)
         else:
             # CPU collectives take milliseconds: single ops, few samples, one instance (there
             # is no capture to vary) keep the default run short.

@@ -272,14 +272,14 @@ def test_plan_defaults_and_the_environment_override() -> None:
 
 
 def test_large_messages_get_fewer_ops_per_sample_down_to_the_floor() -> None:
-    """The CUDA plan halves its 32 ops while a sample would move more than 64 MiB, never
+    """The CUDA plan halves its 32 ops while a sample would move more than 128 MiB, never
     below MIN_OPS_PER_SAMPLE; an op count set in the environment holds at every size unless
     `sample` is set too; the CPU plan's single op never changes."""
     cuda = TimingPlan.for_device("cuda", {})
-    sizes = (8 << 10, 2 << 20, 4 << 20, 8 << 20, 16 << 20, 64 << 20)
-    assert [cuda.ops_for(n) for n in sizes] == [32, 32, 16, 8, 4, 4]
+    sizes = (8 << 10, 4 << 20, 5 << 20, 8 << 20, 16 << 20, 32 << 20, 64 << 20)
+    assert [cuda.ops_for(n) for n in sizes] == [32, 32, 16, 16, 8, 4, 4]
     assert MIN_OPS_PER_SAMPLE == 4
-    fixed = cuda.at(4 << 20)
+    fixed = cuda.at(8 << 20)
     assert (fixed.ops_per_sample, fixed.sample_bytes) == (16, 0) and fixed.ops_for(64 << 20) == 16
     asked = TimingPlan.for_device("cuda", {TIMING_ENV: "ops=50"})
     assert [asked.ops_for(n) for n in sizes] == [50] * len(sizes)
