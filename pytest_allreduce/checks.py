@@ -89,7 +89,7 @@ def _sync(ctx: RankContext) -> None:
 
 
 def _unwritten(t: torch.Tensor) -> int:
-    return int(torch.isnan(t).sum().item())
+    return int(torch.count_nonzero(torch.isnan(t)))
 
 
 # ---- exact -------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def exact_sum(ctx: RankContext, work: Work, rows: int) -> CheckReport:
         _sync(ctx)
         if not torch.equal(buf.out, expected):
             differ = buf.out != expected
-            wrong = int(differ.sum().item())
+            wrong = int(torch.count_nonzero(differ))
             idx = tuple(differ.nonzero()[0].tolist())
             got, want = buf.out[idx].item(), expected[idx].item()
             report.problems.append(
@@ -305,7 +305,7 @@ def _compare(
 ) -> None:
     error = (got.to(reference.dtype) - reference).abs()
     outside = ~(error <= bound)  # NaN, an unwritten element, is outside
-    over = int(outside.sum().item())
+    over = int(torch.count_nonzero(outside))
     if over:
         ratio = torch.where(outside, (error / bound).nan_to_num(nan=math.inf), 0)
         idx = tuple((ratio == ratio.max()).nonzero()[0].tolist())
@@ -493,7 +493,7 @@ def _against(
     ends = (target * (1 - relative), target * (1 + relative))
     low, high = rounding(torch.minimum(*ends)), rounding(torch.maximum(*ends))
     bad = ~((got >= low) & (got <= high))  # NaN is outside
-    count = int(bad.sum().item())
+    count = int(torch.count_nonzero(bad))
     if count:
         idx = tuple(bad.nonzero()[0].tolist())
         allowed = f"{low[idx].item()!r}" + (

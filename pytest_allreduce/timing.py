@@ -575,12 +575,12 @@ def _output_problems(job: Job, buf: JobBuffers, expected: _Expected) -> list[str
     """What is wrong with an instance's last outputs (NaN from the poisoning counts as wrong)."""
     if job == "allreduce":
         assert expected.out is not None
-        wrong = int((buf.out.float() != expected.out).sum().item())
+        wrong = int(torch.count_nonzero(buf.out.float() != expected.out))
         return [f"{wrong} of {buf.out.numel()} elements differ from the exact sum"] if wrong else []
     assert expected.residual is not None and expected.norm is not None
     assert expected.norm_bound is not None
     problems = []
-    wrong = int((buf.residual_out.float() != expected.residual).sum().item())
+    wrong = int(torch.count_nonzero(buf.residual_out.float() != expected.residual))
     if wrong:
         problems.append(
             f"residual-out: {wrong} of {buf.residual_out.numel()} elements differ "
