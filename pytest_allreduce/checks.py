@@ -13,6 +13,7 @@ narrower format or a norm with the wrong epsilon must land outside them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from .jobs import (
     JobBuffers,
     Work,
     backend_for,
-    capturing,
+    capture_each,
     digest,
     edge_pairs,
     exact_inputs,
@@ -38,6 +39,7 @@ from .jobs import (
     pair_holders,
     pooled,
     run_job,
+    warm_up_on_side_stream,
     wide_dtype,
 )
 from .model import JOBS, Job
@@ -806,22 +808,7 @@ def _replay_stress(ctx: RankContext, backend: Backend, stress: CheckedCall, repl
 def _capture_steps(
     ctx: RankContext, backend: Backend, steps: list[CheckedCall]
 ) -> list[torch.cuda.CUDAGraph]:
-    """One graph per step, all captured in one capture context of the backend, after one
-    checked warm-up call of each on the capture stream (libraries allocate and connect on
-    first use, which a capture cannot). The caller registers (`backend.after_capture`)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for step in steps:
-            step.call_and_check(backend)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    ctx.barrier()
-    graphs = []
-    with backend.capture():
-        for step in steps:
-            graph = torch.cuda.CUDAGraph()
-            with capturing(graph, stream):
-                step.call_and_check(backend)
-            graphs.append(graph)
-    return graphs
+    """One graph per step, after one checked warm-up call of each (the warm-up and the
+    captured calls both count)."""
+    runs = [functools.partial(step.call_and_check, backend) for step in steps]
+    return capture_each(ctx, backend, runs, warm_up_on_side_stream(runs))

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -524,3 +524,36 @@ def capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> Iterato
             yield
         finally:
             graph.capture_end()
+
+
+def warm_up_on_side_stream(runs: Sequence[Callable[[], None]]) -> torch.cuda.Stream:
+    """Each of `runs` once, eagerly, on a new side stream, then drained: libraries allocate
+    and connect on first use, which a capture cannot. Returns the stream to capture on."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for run in runs:
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return stream
+
+
+def capture_each(
+    ctx: RankContext,
+    backend: Backend,
+    runs: Sequence[Callable[[], None]],
+    stream: torch.cuda.Stream,
+) -> list[torch.cuda.CUDAGraph]:
+    """One graph per run, once every rank is here, all inside one capture context of the
+    backend, as a server captures several sizes before registering their buffers. The
+    caller registers (`backend.after_capture`)."""
+    ctx.barrier()
+    graphs = []
+    with backend.capture():
+        for run in runs:
+            graph = torch.cuda.CUDAGraph()
+            with capturing(graph, stream):
+                run()
+            graphs.append(graph)
+    return graphs

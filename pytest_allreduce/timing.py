@@ -52,11 +52,12 @@ from .jobs import (
     JobBuffers,
     Work,
     backend_for,
-    capturing,
+    capture_each,
     engaged,
     exact_inputs,
     integer_base,
     run_job,
+    warm_up_on_side_stream,
 )
 from .model import Job
 from .ncclmem import NcclMemory
@@ -545,28 +546,18 @@ def _prepare(
         return _Candidate(
             backend, bufs, [_ops(backend, job, b, plan.ops_per_sample) for b in bufs], "wall_clock"
         )
-    stream = torch.cuda.Stream(ctx.device)
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for inst in bufs:  # every set at least once: libraries allocate and connect on first use
-            _ops(backend, job, inst, max(EAGER_WARMUP_OPS, len(inst)))()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    # Every set at least once: libraries allocate and connect on first use.
+    stream = warm_up_on_side_stream(
+        [_ops(backend, job, inst, max(EAGER_WARMUP_OPS, len(inst))) for inst in bufs]
+    )
     if not backend.limits_.graph_capturable:
         # Timed as launched eagerly, as a server runs it; the sleep covers the launches too.
         return _Candidate(
             backend, bufs, [_ops(backend, job, b, plan.ops_per_sample) for b in bufs], "cuda_eager"
         )
-    ctx.barrier()
-    graphs = []
-    # Every instance in one capture context, then one registration, as a server captures
-    # several sizes before registering.
-    with backend.capture():
-        for inst in bufs:
-            graph = torch.cuda.CUDAGraph()
-            with capturing(graph, stream):
-                _ops(backend, job, inst, plan.ops_per_sample)()
-            graphs.append(graph)
+    # Every instance in one capture context, then one registration.
+    runs = [_ops(backend, job, inst, plan.ops_per_sample) for inst in bufs]
+    graphs = capture_each(ctx, backend, runs, stream)
     backend.after_capture()
     return _Candidate(backend, bufs, [g.replay for g in graphs], "cuda_graph", graphs)
 
