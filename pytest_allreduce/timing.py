@@ -148,9 +148,10 @@ class TimingPlan:
             # samples: on 2 x H200 one median's noise is about 0.2% (roughness 0.002), so
             # 24 bought nothing a decision used; where one is close, settling adds samples
             # (up to 4x, `selection.unsettled_sizes`). Above 4 MiB fewer ops (ops_for): on
-            # 2 x H200 a sample carries a constant 8-9 us (launch, first op's ramp), and with
-            # at least 128 MiB moved per sample it stays within 2% of the per-op figure that
-            # differencing 4- and 200-op graphs gives, for every backend from 4 to 64 MiB.
+            # 2 x H200 a sample there carries a constant of a few microseconds (launch,
+            # first op's ramp; median 6 us at 4-64 MiB), and with at least 128 MiB moved
+            # per sample the per-op figure stays within 2% of the estimate from differencing
+            # 4- and 200-op graphs, for every backend from 4 to 64 MiB.
             plan = cls(samples=12, ops_per_sample=32, warmup=2, instances=3, sample_bytes=128 << 20)
         else:
             # CPU collectives take milliseconds: single ops, few samples, one instance (there
