@@ -630,10 +630,11 @@ class CheckedCall:
 
     Everything a call compares with is made once, per shift: the inputs, the exact outputs
     and, for the fused job, the window [norm - bound, norm + bound] its normalised output
-    must fall in (float32). So a check is a few kernels however many values it covers: a
-    call's step is launched from the host a few thousand times per stress check, and in a
-    graph every kernel is a node that each replay runs (the check's own kernels were most
-    of the graph and stress suites' time on 2 x H200 when they were a dozen per call).
+    must fall in (in the output's dtype). So a check is a few kernels however many values
+    it covers: a call's step is launched from the host a few thousand times per stress
+    check, and in a graph every kernel is a node that each replay runs (the check's own
+    kernels were most of the graph and stress suites' time on 2 x H200 when they were a
+    dozen per call).
     """
 
     def __init__(
