@@ -159,7 +159,6 @@ class Backend(abc.ABC):
         self.dtype = dtype
         self.max_rows = max_rows
         self.limits_ = self.limits(variant, ctx.world_size)
-        self._accepted_rows: set[int] = set()  # check_input's verdicts, per row count
         self.setup()
 
     # ---- declared by each backend -------------------------------------------------------
@@ -264,7 +263,10 @@ class Backend(abc.ABC):
             )
         # Hidden size and dtype are fixed by now, so the verdict depends on the rows alone:
         # worked out once per row count (the stress suite calls thousands of times per size).
-        if rows in self._accepted_rows:
+        # Made here rather than in __init__: a subclass that sets itself up without it
+        # (or a test that builds one bare) still gets it.
+        accepted: set[int] = self.__dict__.setdefault("_accepted_rows", set())
+        if rows in accepted:
             return
         reason = self.limits_.shape_refusal(
             rows, hidden, dtype_name(inp.dtype), self.ctx.world_size
@@ -273,7 +275,7 @@ class Backend(abc.ABC):
             reason = f"{rows} rows exceeds the {self.max_rows} rows it was set up for"
         if reason:
             raise UnsupportedInput(f"{self.full_name}: {reason}")
-        self._accepted_rows.add(rows)
+        accepted.add(rows)
 
     def all_reduce(self, inp: torch.Tensor, out: torch.Tensor) -> None:
         self.check_input(inp)
