@@ -107,18 +107,17 @@ def phased(ctx: Any, fn: Any, *args: Any) -> dict:
     return {"wall_ms": wall * 1e3, **{k: v * 1e3 for k, v in totals.items() if v}}
 
 
-def profiled(
-    ctx: Any, label: str, work: Any, rows: int, repeat: int, top: int, sort: str = "tottime"
-) -> dict:
-    """The check `label` at `rows`, `repeat` times under cProfile: wall per call and rank 0's
-    profile (sorted by `sort`: own time, or cumulative to see the phases)."""
-    check = next(c for c in CHECKS if c.label == label)
+def _under_profile(
+    ctx: Any, repeat: int, top: int, sort: str, fn: Any, *args: Any
+) -> dict[str, Any]:
+    """fn(ctx, *args), `repeat` times under cProfile: wall per call and rank 0's profile
+    (sorted by `sort`: own time, or cumulative to see the phases)."""
     profiler = cProfile.Profile()
     walls = []
     for _ in range(repeat):
         began = time.perf_counter()
         profiler.enable()
-        check.fn(ctx, work, rows, *check.args)
+        fn(ctx, *args)
         profiler.disable()
         walls.append(time.perf_counter() - began)
     text = io.StringIO()
@@ -126,20 +125,17 @@ def profiled(
     return {"walls_s": walls, "profile": text.getvalue() if ctx.rank == 0 else ""}
 
 
+def profiled(
+    ctx: Any, label: str, work: Any, rows: int, repeat: int, top: int, sort: str = "tottime"
+) -> dict:
+    """The check `label` at `rows`, profiled (`_under_profile`)."""
+    check = next(c for c in CHECKS if c.label == label)
+    return _under_profile(ctx, repeat, top, sort, check.fn, work, rows, *check.args)
+
+
 def profiled_timing(ctx: Any, works: list[Any], rows: int, job: str, repeat: int, top: int) -> dict:
-    """One interleaved timing of `works` at `rows`, `repeat` times under cProfile."""
-    plan = TimingPlan.for_device(ctx.device.type)
-    profiler = cProfile.Profile()
-    walls = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        profiler.enable()
-        measure_interleaved(ctx, works, rows, job, plan)  # type: ignore[arg-type]
-        profiler.disable()
-        walls.append(time.perf_counter() - began)
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
-    return {"walls_s": walls, "profile": text.getvalue() if ctx.rank == 0 else ""}
+    """One interleaved timing of `works` at `rows` with the device's plan, profiled."""
+    return _under_profile(ctx, repeat, top, "cumulative", measure_with_plan, works, rows, job)
 
 
 def measure_with_plan(ctx: Any, works: list[Any], rows: int, job: str) -> Any:
