@@ -62,6 +62,7 @@ class Engine:
         self.torchrun = under_torchrun()
         self.pool_starts = 0
         self.swept: list[str] = []  # what killed sessions had left, removed at first start
+        self._prepared = False
         self._executors: dict[int, Executor] = {}
         # Rows every set-up must hold: the plan's sizes and the checks' extra sizes.
         self.needed_rows = max([*plan.batch_sizes, *(r for c in CHECKS for r in c.extra_rows)])
@@ -97,10 +98,7 @@ class Engine:
                 self.plan.device, self.options.timeout_s, self.options.startup_timeout_s
             )
         else:
-            if self.pool_starts == 0:
-                from .leftovers import sweep_stale_resources
-
-                self.swept = [str(p) for p in sweep_stale_resources()]
+            self.prepare()
             # One pool at a time: pools of several sizes would share the same GPUs.
             self.close()
             current = RankPool(
@@ -114,6 +112,18 @@ class Engine:
         if not self.store.machine:
             self.store.machine = current.run(fingerprint.collect)[0]
         return current
+
+    def prepare(self) -> None:
+        """Before the first pool: sweep what killed sessions left, and start the fork server
+        the pools' ranks come from (`pool.start_fork_server`). Once; nothing under torchrun."""
+        if self.torchrun or self._prepared:
+            return
+        from .leftovers import sweep_stale_resources
+        from .pool import start_fork_server
+
+        self._prepared = True
+        self.swept = [str(p) for p in sweep_stale_resources()]
+        start_fork_server()
 
     def call(self, world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """fn(ctx, *args) on every rank; RankFailure when any rank fails (a broken pool is

@@ -287,9 +287,12 @@ class AllreduceSession:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Claim the output dir once this session will run allreduce tests (never for a
         project that only has the plugin installed): a second session writing the same dir
-        is a usage error naming the first one's pid."""
+        is a usage error naming the first one's pid. Then start what the first pool needs
+        (`Engine.prepare`), while the first test is still being set up."""
         if self.is_writer and any(_item_suite(item) for item in session.items):
             self.claim_output_dir()
+            if not session.config.option.collectonly:
+                self.engine.prepare()
 
     def claim_output_dir(self) -> None:
         from .outputdir import OutputDir, OutputDirError

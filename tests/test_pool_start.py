@@ -84,3 +84,87 @@ def test_a_temp_dir_too_long_for_the_fork_server_socket_spawns_ranks(tmp_path: P
         assert os.listdir(long_tmp) == []  # the pool's and multiprocessing's dirs are gone
     finally:
         os.rmdir(long_tmp)
+
+
+TEST_FIRST_PY = """
+import os
+
+import pytest
+
+from pytest_allreduce import checks
+
+pytestmark = pytest.mark.allreduce_suite("numerics")
+
+
+def test_exact_sum(allreduce):
+    reports = allreduce.run(checks.exact_sum, allreduce.case.batch_size)
+    assert not [p for r in reports for p in r.problems]
+    # The ranks came from the fork server the session started when collection ended.
+    assert reports and os.environ["FORK_SERVER_AT_SETUP"] != "none"
+"""
+
+CONFTEST_PY = """
+import multiprocessing.forkserver
+import os
+
+import pytest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Before any fixture of the first test has started a pool.
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    os.environ.setdefault("FORK_SERVER_AT_SETUP", str(pid) if pid else "none")
+
+
+def pytest_sessionfinish(session):
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    print(f"fork server at the end: {pid or 'none'}")
+"""
+
+
+def test_the_fork_server_starts_when_collection_ends(pytester: pytest.Pytester) -> None:
+    """The fork server imports torch while the first test is set up, not after: it is
+    running before any pool starts, and collecting alone starts nothing."""
+    pytester.makeini("[pytest]\n")
+    pytester.makeconftest(CONFTEST_PY)
+    pytester.makepyfile(test_first=TEST_FIRST_PY)
+    common = (
+        "-p",
+        "no:cacheprovider",
+        "--allreduce-backends=gloo",
+        "--allreduce-hidden-sizes=64",
+        "--allreduce-batch-sizes=1",
+        "--allreduce-timeout=60",
+        "--allreduce-output-dir=out",
+    )
+    ran = pytester.runpytest_subprocess(*common, timeout=240)
+    assert ran.ret == pytest.ExitCode.OK, ran.stdout.str()
+    assert ran.parseoutcomes()["passed"] > 0
+
+    collected = pytester.runpytest_subprocess(*common, "--collect-only", "-s", timeout=240)
+    assert collected.ret == pytest.ExitCode.OK, collected.stdout.str()
+    assert "fork server at the end: none" in collected.stdout.str()
+
+
+def test_pool_ranks_keep_freed_memory() -> None:
+    """glibc gives a rank's large blocks from its heap (below the program break), not from
+    fresh mappings that fault in every page each time a tensor is made."""
+    pool = RankPool(2, "cpu", 60.0).start()
+    try:
+        assert pool.run(_large_block_in_heap) == [True, True]
+    finally:
+        pool.close()
+
+
+def _large_block_in_heap(ctx: object) -> bool:
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+    libc.sbrk.argtypes = [ctypes.c_ssize_t]
+    block = libc.malloc(64 << 20)
+    try:
+        return bool(block) and block < libc.sbrk(0)
+    finally:
+        libc.free(ctypes.c_void_p(block))

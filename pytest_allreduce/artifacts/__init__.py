@@ -33,9 +33,10 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, config_paths, device_label
 from ..coverage import Coverage
@@ -43,7 +44,13 @@ from ..model import GroupKey
 from ..results import ResultStore
 from ..selection import Selection
 from .atomic import atomic_write, dumps_json
-from .benchmark import BENCHMARK_JSON, benchmark_document, benchmark_records, dumps_benchmark
+from .benchmark import (
+    BENCHMARK_JSON,
+    benchmark_document,
+    benchmark_records,
+    dumps_benchmark,
+    machine_info,
+)
 from .config import default_config_dtype, write_config
 from .evidence import evidence
 from .plot import plot_png
@@ -100,6 +107,36 @@ def write_artifacts(
     where given, lets pytest-benchmark's hooks build benchmark.json (see
     `benchmark.benchmark_document`).
     """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="machine-info") as background:
+        # pytest-benchmark's machine info waits on a subprocess for about a second: it runs
+        # beside the configs, evidence, reports and plots.
+        machine = (
+            background.submit(machine_info, pytest_config)
+            if find_spec("pytest_benchmark")
+            else None
+        )
+        return _write_artifacts(
+            store,
+            selections,
+            output_dir,
+            device_name,
+            config_dtype_for,
+            coverage,
+            pytest_config,
+            machine,
+        )
+
+
+def _write_artifacts(
+    store: ResultStore,
+    selections: Mapping[GroupKey, Selection],
+    output_dir: str | os.PathLike[str],
+    device_name: str,
+    config_dtype_for: Callable[[int, int], str] | None,
+    coverage: Mapping[tuple[int, int], Coverage] | None,
+    pytest_config: pytest.Config | None,
+    machine: Future[dict[str, Any]] | None,
+) -> WrittenArtifacts:
     out = Path(output_dir)
     dev = device_label(device_name)
     written = WrittenArtifacts()
@@ -181,7 +218,8 @@ def write_artifacts(
             "(pip install pytest-benchmark)"
         )
     else:
-        document = benchmark_document(records, store, device_name, pytest_config)
+        info = machine.result() if machine is not None else None
+        document = benchmark_document(records, store, device_name, pytest_config, info)
         written.append(atomic_write(out / BENCHMARK_JSON, dumps_benchmark(document)))
     return written
 

@@ -105,32 +105,49 @@ def fingerprint_block(store: ResultStore, device_name: str) -> dict[str, Any]:
     return {"device": store.device, "device_name": device_name, "fingerprint": store.machine}
 
 
+def machine_info(config: pytest.Config | None = None) -> dict[str, Any]:
+    """pytest-benchmark's machine info: through its hooks when its plugin is active in
+    `config` (so conftest and plugins that adjust it adjust this too), else its plain
+    function. Its CPU details come from py-cpuinfo, which runs a Python subprocess (about a
+    second): `write_artifacts` asks for it first, in a thread, and writes the other files
+    meanwhile."""
+    from pytest_benchmark import plugin as pb
+
+    session = config.pluginmanager.get_plugin("pytest-benchmark") if config else None
+    if config is not None and session is not None:
+        return session.get_machine_info()
+    return pb.pytest_benchmark_generate_machine_info()
+
+
 def benchmark_document(
     records: list[Any],
     store: ResultStore,
     device_name: str,
     config: pytest.Config | None = None,
+    machine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """pytest-benchmark's JSON document for `records`, with every sample included.
 
     With its plugin active in `config`, through its hooks (so conftest and plugins that
     adjust machine or commit info adjust this file too, and our hook adds the fingerprint);
-    else through the functions its plugin implements those hooks with.
+    else through the functions its plugin implements those hooks with. `machine` is
+    `machine_info(config)` where the caller already has it.
     """
     from pytest_benchmark import plugin as pb
     from pytest_benchmark.utils import get_commit_info
 
+    if machine is None:
+        machine = machine_info(config)
     session = config.pluginmanager.get_plugin("pytest-benchmark") if config else None
     if config is not None and session is not None:
         hook = config.hook
-        machine_info = session.get_machine_info()
         commit_info = hook.pytest_benchmark_generate_commit_info(config=config)
         hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
         document = hook.pytest_benchmark_generate_json(
             config=config,
             benchmarks=records,
             include_data=True,
-            machine_info=machine_info,
+            machine_info=machine,
             commit_info=commit_info,
         )
         hook.pytest_benchmark_update_json(config=config, benchmarks=records, output_json=document)
@@ -140,7 +157,7 @@ def benchmark_document(
             config=config,
             benchmarks=records,
             include_data=True,
-            machine_info=pb.pytest_benchmark_generate_machine_info(),
+            machine_info=machine,
             commit_info=get_commit_info(project),
         )
     document.setdefault(FINGERPRINT_KEY, fingerprint_block(store, device_name))
