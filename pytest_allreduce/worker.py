@@ -55,6 +55,37 @@ class RankSpec:
     environ: dict[str, str]  # the pytest process's environment when the pool started
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Blocks up to this size come from the heap and stay there when freed.
+_KEPT_BLOCK_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc reuse freed memory instead of returning it to the kernel (CPU ranks, where
+    the tensors live in host memory).
+
+    By default glibc serves blocks above its mmap threshold (128 KiB at first, adapting up
+    to 32 MiB) from fresh mappings and unmaps them when freed, so such a tensor costs a page
+    fault per 4 KiB page every time it is made. A server
+    in steady state reuses its memory (and CPU deployments often preload tcmalloc or
+    jemalloc for this reason). Here the faults were most of the cost of the engine's
+    composed add + RMSNorm on the 2-core development machine, a VM (14 ms against 5 ms at
+    512 rows x 4096). False where the C library has no mallopt (not glibc).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, _KEPT_BLOCK_BYTES)
+        and mallopt(_M_TRIM_THRESHOLD, 2 * _KEPT_BLOCK_BYTES)
+    )
+
+
 def init_rank_context(
     device_type: str, wait_timeout_s: float, store: dist.Store | None = None
 ) -> RankContext:
@@ -88,6 +119,7 @@ def init_rank_context(
         # Ranks share the host's cores: without this each rank starts one thread per core
         # and they fight over them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+        keep_freed_memory()
         dist.init_process_group("gloo", timeout=timeout, **rendezvous)
         cpu_group = dist.group.WORLD
     return RankContext(
@@ -143,35 +175,6 @@ def _exit_when_orphaned(lifeline: int, pool_dir: str) -> None:
     _abandon(pool_dir)
 
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-# Blocks up to this size come from the heap and stay there when freed.
-_KEPT_BLOCK_BYTES = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc reuse freed memory instead of returning it to the kernel.
-
-    By default glibc maps every large block afresh and unmaps it when freed, so each tensor
-    of a few megabytes costs a page fault per 4 KiB page every time it is made. A server
-    in steady state reuses its memory (and CPU deployments often preload tcmalloc or
-    jemalloc for this reason). Here the faults were most of the cost of the engine's
-    composed add + RMSNorm on the 2-core development machine, a VM (14 ms against 5 ms at
-    512 rows x 4096). False where the C library has no mallopt (not glibc).
-    """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, _KEPT_BLOCK_BYTES)
-        and mallopt(_M_TRIM_THRESHOLD, 2 * _KEPT_BLOCK_BYTES)
-    )
-
-
 def rank_main(spec: RankSpec, conn: Connection) -> None:
     """Entry point of one pool rank (forked by the fork server, or spawned)."""
     # The fork server's environment is the one pytest had when the server started;
@@ -187,7 +190,6 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
         GLOO_SOCKET_IFNAME=LOOPBACK_INTERFACE,
         NCCL_SOCKET_IFNAME=LOOPBACK_INTERFACE,
     )
-    keep_freed_memory()
     stack_file = open(Path(spec.pool_dir, f"rank{spec.rank}.stacks"), "w")  # noqa: SIM115
     # The pool sends SIGUSR1 when a call times out: every thread's Python stack goes to the
     # file, even when the main thread is blocked inside a C++ collective.
