@@ -1,5 +1,6 @@
 """Starting a pool: bounded on its own and reported as start-up; ranks from the fork server,
-or spawned where the temp dir is too long for the fork server's socket."""
+which starts when collection ends, or spawned where the temp dir is too long for the fork
+server's socket; CPU ranks that keep freed memory."""
 
 from __future__ import annotations
 
