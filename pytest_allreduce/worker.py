@@ -68,11 +68,11 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves blocks above its mmap threshold (128 KiB at first, adapting up
     to 32 MiB) from fresh mappings and unmaps them when freed, so such a tensor costs a page
-    fault per 4 KiB page every time it is made. A server
-    in steady state reuses its memory (and CPU deployments often preload tcmalloc or
-    jemalloc for this reason). Here the faults were most of the cost of the engine's
-    composed add + RMSNorm on the 2-core development machine, a VM (14 ms against 5 ms at
-    512 rows x 4096). False where the C library has no mallopt (not glibc).
+    fault per 4 KiB page every time it is made. A server in steady state reuses its memory
+    (and CPU deployments often preload tcmalloc or jemalloc for this reason). Here the
+    faults were most of the cost of the engine's composed add + RMSNorm on the 2-core
+    development machine, a VM (14 ms against 5 ms at 512 rows x 4096). False where the C
+    library has no mallopt (not glibc).
     """
     import ctypes
 
