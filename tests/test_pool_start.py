@@ -4,14 +4,13 @@ server's socket; CPU ranks that keep freed memory."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from multiprocessing.context import ForkServerProcess
 from pathlib import Path
 
 import pytest
@@ -19,27 +18,24 @@ import pytest
 from pytest_allreduce.pool import RankFailure, RankPool
 
 
-def _stop_rank_one_when_started(done: threading.Event) -> None:
-    while not done.is_set():
-        for child in multiprocessing.active_children():
-            if child.name == "allreduce-rank1" and child.pid is not None:
-                os.kill(child.pid, signal.SIGSTOP)
-                return
-        time.sleep(0.001)
+def test_start_up_has_its_own_bound_and_is_reported_as_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rank 1 is stopped the moment the fork server has forked it, before it can reach the
+    # rendezvous. (A thread polling for it could miss that window: from a warm fork server
+    # both ranks can rendezvous within a millisecond.)
+    start = ForkServerProcess.start
 
+    def start_then_stop_rank_one(process: ForkServerProcess) -> None:
+        start(process)
+        if process.name == "allreduce-rank1" and process.pid is not None:
+            os.kill(process.pid, signal.SIGSTOP)
 
-def test_start_up_has_its_own_bound_and_is_reported_as_start_up() -> None:
-    done = threading.Event()
-    stopper = threading.Thread(target=_stop_rank_one_when_started, args=(done,))
-    stopper.start()
+    monkeypatch.setattr(ForkServerProcess, "start", start_then_stop_rank_one)
     pool = RankPool(2, "cpu", timeout_s=60.0, startup_timeout_s=2.0)
     started = time.monotonic()
-    try:
-        with pytest.raises(RankFailure) as failure:
-            pool.start()
-    finally:
-        done.set()
-        stopper.join()
+    with pytest.raises(RankFailure) as failure:
+        pool.start()
     elapsed = time.monotonic() - started
     report = str(failure.value)
     assert "process-group start-up did not finish within 2 s" in report, report
